@@ -1,0 +1,607 @@
+"""Where bytes come from and go to: local paths and s3:// URIs, streamed with bounded memory.
+
+No model code lives here. Every other module reads and writes through these functions:
+`resolve`, `open_stream`, `iter_records`, `read_safetensors`, `write_safetensors`,
+`save_ckpt`, `load_ckpt`, `latest_ckpt`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import urlparse
+
+import msgspec
+import torch
+
+BLOCK_SIZE = 8 * 2**20  # bytes per ranged GET / multipart part
+MAX_IN_FLIGHT = 8  # concurrent ranged GETs in read_safetensors
+MAX_HEADER = 100 * 2**20  # safetensors header size cap
+MANIFEST = "manifest.json"
+TENSORS = "tensors.safetensors"
+
+# ---------------------------------------------------------------------------------------------
+# Locations
+
+
+def resolve(path: str | os.PathLike) -> tuple[str, str]:
+    """Return ("s3", "s3://bucket/key") or ("local", absolute path); other schemes are an error."""
+    p = os.fspath(path)
+    if not isinstance(p, str) or not p:
+        raise ValueError(f"not a path: {path!r}")
+    scheme = urlparse(p).scheme if "://" in p else ""
+    if scheme == "s3":
+        parts = p[len("s3://") :]
+        if not parts or parts.startswith("/"):
+            raise ValueError(f"S3 URI has no bucket: {p}")
+        return "s3", "s3://" + parts.rstrip("/")
+    if scheme == "file":
+        return "local", os.path.abspath(os.path.expanduser(p[len("file://") :]))
+    if scheme:
+        raise ValueError(f"unsupported URI scheme {scheme!r} in {p} (use a local path or s3://)")
+    return "local", os.path.abspath(os.path.expanduser(p))
+
+
+def join(base: str, *names: str) -> str:
+    """Join path parts for a local path or an s3:// URI."""
+    kind, root = resolve(base)
+    if kind == "s3":
+        return "/".join([root.rstrip("/"), *(n.strip("/") for n in names)])
+    return os.path.join(root, *names)
+
+
+# ---------------------------------------------------------------------------------------------
+# S3 settings and errors
+
+_s3_settings: dict[str, str | None] = {"endpoint_url": None, "region": None, "profile": None}
+_s3_fs: dict[tuple, Any] = {}
+_s3_lock = threading.Lock()
+
+
+def configure_s3(
+    endpoint_url: str | None = None, region: str | None = None, profile: str | None = None
+) -> None:
+    """Set S3 endpoint/region/profile (None falls back to the standard AWS environment)."""
+    _s3_settings.update(endpoint_url=endpoint_url or None, region=region or None, profile=profile or None)
+    _s3_fs.clear()
+
+
+def s3_filesystem():
+    """The s3fs filesystem for the current settings (one instance per setting)."""
+    import s3fs
+
+    endpoint = _s3_settings["endpoint_url"] or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = _s3_settings["region"] or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    profile = _s3_settings["profile"] or os.environ.get("AWS_PROFILE")
+    key = (endpoint, region, profile, os.getpid())
+    with _s3_lock:
+        if key not in _s3_fs:
+            client_kwargs = {"region_name": region} if region else {}
+            _s3_fs[key] = s3fs.S3FileSystem(
+                endpoint_url=endpoint,
+                profile=profile,
+                client_kwargs=client_kwargs,
+                config_kwargs={"connect_timeout": 10, "retries": {"max_attempts": 3, "mode": "standard"}},
+                skip_instance_cache=True,
+                use_listings_cache=False,
+            )
+        return _s3_fs[key]
+
+
+def _s3_error(uri: str, exc: BaseException) -> Exception:
+    """Turn an s3fs/botocore failure into one clear exception naming the URI and no secret."""
+    text = f"{type(exc).__name__} {exc}"
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code", "") if hasattr(exc, "response") else ""
+    probe = f"{code} {text}"
+    bucket = uri[len("s3://") :].split("/", 1)[0]
+    if "NoSuchBucket" in probe or "bucket does not exist" in probe.lower():
+        return FileNotFoundError(f"{uri}: no such bucket {bucket!r}")
+    if any(s in probe for s in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken")):
+        return PermissionError(f"{uri}: S3 rejected the credentials (check AWS_PROFILE / AWS_ACCESS_KEY_ID)")
+    if "AccessDenied" in probe or isinstance(exc, PermissionError) or "Forbidden" in probe:
+        return PermissionError(f"{uri}: access denied")
+    if "NoCredentials" in probe or "Unable to locate credentials" in probe:
+        return PermissionError(f"{uri}: no AWS credentials found (set a profile or AWS_ACCESS_KEY_ID)")
+    if "ProfileNotFound" in probe or "could not be found" in probe and "profile" in probe:
+        return PermissionError(f"{uri}: AWS profile not found")
+    if isinstance(exc, FileNotFoundError) or "NoSuchKey" in probe or "404" in probe:
+        return FileNotFoundError(f"{uri}: no such object")
+    if any(s in probe for s in ("Connect", "EndpointConnectionError", "Cannot connect", "Timeout")):
+        return ConnectionError(f"{uri}: S3 endpoint unreachable ({_s3_endpoint_label()})")
+    return OSError(f"{uri}: S3 error: {code or type(exc).__name__}")
+
+
+def _s3_endpoint_label() -> str:
+    return (
+        _s3_settings["endpoint_url"]
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or "AWS default endpoint"
+    )
+
+
+def _s3_call(uri: str, fn, *args, **kwargs):
+    """Run an s3fs call, translating its failures with `_s3_error`."""
+    try:
+        return fn(*args, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _s3_error(uri, exc) from None
+    except Exception as exc:  # botocore / aiohttp errors do not share a base class
+        if type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs"):
+            raise _s3_error(uri, exc) from None
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams
+
+
+class _LocalAtomicWriter(io.RawIOBase):
+    """Writes to a temp file beside the target; renamed into place on close, removed on abort."""
+
+    def __init__(self, path: str):
+        folder = os.path.dirname(path) or "."
+        os.makedirs(folder, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
+        self._f = os.fdopen(fd, "wb")
+        self._path = path
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        return self._f.write(b)
+
+    def abort(self) -> None:
+        """Drop everything written so far; the target is untouched."""
+        if not self.closed:
+            self._f.close()
+            os.unlink(self._tmp)
+            super().close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+            os.replace(self._tmp, self._path)
+            super().close()
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
+
+class _S3AtomicWriter(io.RawIOBase):
+    """Multipart upload, one part at a time; an exception aborts it so no partial object appears."""
+
+    def __init__(self, uri: str, block_size: int):
+        self._uri = uri
+        self._f = _s3_call(uri, s3_filesystem().open, uri, "wb", block_size=max(block_size, 5 * 2**20))
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        return _s3_call(self._uri, self._f.write, b)
+
+    def abort(self) -> None:
+        """Abort the multipart upload; an older object at the key stays as it was."""
+        if not self.closed:
+            try:
+                self._f.discard()
+            finally:
+                self._f.closed = True  # keep fsspec's __del__ from flushing the dropped buffer
+                super().close()
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                _s3_call(self._uri, self._f.close)
+            except BaseException:
+                self.abort()
+                raise
+            super().close()
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
+
+def open_stream(path: str, mode: str = "rb", *, block_size: int = BLOCK_SIZE, cache_type: str = "readahead"):
+    """Open a local file or S3 object; reads are bounded ranged GETs, writes are atomic."""
+    if mode not in ("rb", "wb"):
+        raise ValueError(f"open_stream supports 'rb' and 'wb', not {mode!r} ({path})")
+    kind, p = resolve(path)
+    if kind == "local":
+        if mode == "wb":
+            return _LocalAtomicWriter(p)
+        try:
+            return open(p, "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such file: {p}") from None
+        except IsADirectoryError:
+            raise IsADirectoryError(f"is a folder, not a file: {p}") from None
+    if mode == "wb":
+        return _S3AtomicWriter(p, block_size)
+    fs = s3_filesystem()
+    return _s3_call(p, fs.open, p, "rb", block_size=block_size, cache_type=cache_type)
+
+
+def file_size(path: str) -> int:
+    """Size in bytes of a local file or S3 object."""
+    kind, p = resolve(path)
+    if kind == "local":
+        try:
+            return os.path.getsize(p)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such file: {p}") from None
+    return int(_s3_call(p, s3_filesystem().size, p))
+
+
+def exists(path: str) -> bool:
+    """True when a local file/folder or S3 object/prefix exists."""
+    kind, p = resolve(path)
+    if kind == "local":
+        return os.path.exists(p)
+    return bool(_s3_call(p, s3_filesystem().exists, p))
+
+
+def list_dir(path: str) -> list[str]:
+    """Names (not paths) directly inside a local folder or S3 prefix; [] when there is none."""
+    kind, p = resolve(path)
+    if kind == "local":
+        return sorted(os.listdir(p)) if os.path.isdir(p) else []
+    fs = s3_filesystem()
+    try:
+        entries = _s3_call(p, fs.ls, p, detail=False, refresh=True)
+    except FileNotFoundError as exc:
+        if "no such bucket" in str(exc):
+            raise
+        return []
+    return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+
+def remove(path: str) -> None:
+    """Delete a local file/folder or everything under an S3 prefix."""
+    kind, p = resolve(path)
+    if kind == "local":
+        import shutil
+
+        if os.path.isdir(p):
+            shutil.rmtree(p)
+        elif os.path.exists(p):
+            os.unlink(p)
+        return
+    fs = s3_filesystem()
+    if _s3_call(p, fs.exists, p):
+        _s3_call(p, fs.rm, p, recursive=True)
+
+
+def read_bytes(path: str) -> bytes:
+    """Whole content of a small file (configs, JSON, tokenizer models)."""
+    with open_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(data: bytes, path: str) -> None:
+    """Write a small file atomically."""
+    with open_stream(path, "wb") as f:
+        f.write(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+
+def iter_records(path: str) -> Iterator[dict]:
+    """Yield dicts from .jsonl / .jsonl.gz (streamed line by line) or .json (a top-level array)."""
+    kind, p = resolve(path)
+    name = p.lower()
+    if name.endswith(".json"):
+        data = read_bytes(p)
+        try:
+            records = msgspec.json.decode(data)
+        except msgspec.DecodeError as exc:
+            raise ValueError(f"{p}: not valid JSON ({exc})") from None
+        del data
+        if not isinstance(records, list):
+            raise ValueError(f"{p}: expected a JSON array of records, got {type(records).__name__}")
+        for i, rec in enumerate(records, 1):
+            if not isinstance(rec, dict):
+                raise ValueError(f"{p}: record {i} is a {type(rec).__name__}, not an object")
+            yield rec
+        return
+    if not (name.endswith(".jsonl") or name.endswith(".jsonl.gz")):
+        raise ValueError(f"{p}: unsupported record file (use .jsonl, .jsonl.gz or .json)")
+    decoder = msgspec.json.Decoder()
+    with open_stream(p) as raw:
+        stream = gzip.GzipFile(fileobj=raw, mode="rb") if name.endswith(".gz") else raw
+        try:
+            lineno = 0
+            while True:
+                try:
+                    line = stream.readline()
+                except (OSError, EOFError) as exc:
+                    raise ValueError(f"{p}: line {lineno + 1}: corrupt compressed data ({exc})") from None
+                if not line:
+                    break
+                lineno += 1
+                if not line.strip():
+                    continue
+                try:
+                    rec = decoder.decode(line)
+                except msgspec.DecodeError as exc:
+                    raise ValueError(f"{p}: line {lineno}: malformed JSON ({exc})") from None
+                if not isinstance(rec, dict):
+                    raise ValueError(f"{p}: line {lineno}: expected a JSON object, got {type(rec).__name__}")
+                yield rec
+        finally:
+            if stream is not raw:
+                stream.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors
+
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr)
+    for name, attr in {
+        "BOOL": "bool",
+        "U8": "uint8",
+        "I8": "int8",
+        "I16": "int16",
+        "U16": "uint16",
+        "I32": "int32",
+        "U32": "uint32",
+        "I64": "int64",
+        "U64": "uint64",
+        "F16": "float16",
+        "BF16": "bfloat16",
+        "F32": "float32",
+        "F64": "float64",
+        "F8_E4M3": "float8_e4m3fn",
+        "F8_E5M2": "float8_e5m2",
+        "F8_E8M0": "float8_e8m0fnu",
+        "C64": "complex64",
+    }.items()
+    if hasattr(torch, attr)
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def read_safetensors_header(path: str, f=None) -> tuple[dict[str, dict], dict[str, str], int]:
+    """Validated header: ({name: {dtype, shape, data_offsets}}, metadata, byte offset of data)."""
+    own = f is None
+    if own:
+        f = open_stream(path, cache_type="none")
+    try:
+        size = file_size(path)
+        if size < 8:
+            raise ValueError(f"{path}: not a safetensors file ({size} bytes)")
+        f.seek(0)
+        n = int.from_bytes(f.read(8), "little")
+        if n > MAX_HEADER:
+            raise ValueError(f"{path}: safetensors header length {n} exceeds the {MAX_HEADER} byte cap")
+        if 8 + n > size:
+            raise ValueError(f"{path}: safetensors header length {n} exceeds the file size {size}")
+        raw = f.read(n)
+    finally:
+        if own:
+            f.close()
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: safetensors header is not JSON ({exc.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data_len = size - 8 - n
+    spans = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise ValueError(f"{path}: tensor {name!r}: header entry needs dtype, shape, data_offsets")
+        dtype = DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name!r}: unknown dtype {info['dtype']!r}")
+        shape, offs = info["shape"], info["data_offsets"]
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise ValueError(f"{path}: tensor {name!r}: bad shape {shape!r}")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
+            raise ValueError(f"{path}: tensor {name!r}: bad data_offsets {offs!r}")
+        begin, end = offs
+        if not 0 <= begin <= end <= data_len:
+            raise ValueError(
+                f"{path}: tensor {name!r}: data_offsets {offs} outside the {data_len} data bytes (file truncated?)"
+            )
+        want = math.prod(shape) * dtype.itemsize
+        if end - begin != want:
+            raise ValueError(
+                f"{path}: tensor {name!r}: {end - begin} bytes but shape {shape} x {info['dtype']} needs {want}"
+            )
+        spans.append((begin, end, name))
+    spans.sort()
+    for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise ValueError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data section")
+    return header, metadata, 8 + n
+
+
+def read_safetensors(
+    path: str, *, keys: list[str] | None = None, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Read tensors straight into their own storage over bounded ranged reads (local or S3)."""
+    kind, p = resolve(path)
+    with open_stream(p, cache_type="none") as f:
+        header, _, data_start = read_safetensors_header(p, f)
+        names = list(header) if keys is None else list(keys)
+        missing = [k for k in names if k not in header]
+        if missing:
+            raise KeyError(f"{p}: no tensor(s) {missing}")
+        out: dict[str, torch.Tensor] = {}
+        jobs = []  # (uint8 buffer, absolute start, absolute end)
+        for name in names:
+            info = header[name]
+            begin, end = info["data_offsets"]
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            jobs.append((buf, data_start + begin, data_start + end))
+            out[name] = (buf, info)
+        if kind == "local":
+            for buf, start, end in jobs:
+                f.seek(start)
+                view = memoryview(buf.numpy())
+                got = 0
+                while got < end - start:
+                    k = f.readinto(view[got:])
+                    if not k:
+                        raise ValueError(f"{p}: file ended early (truncated)")
+                    got += k
+        else:
+            _s3_read_ranges(p, jobs)
+    result = {}
+    for name, (buf, info) in out.items():
+        dtype = DTYPES[info["dtype"]]
+        t = buf.view(dtype).reshape(info["shape"]) if buf.numel() else torch.empty(info["shape"], dtype=dtype)
+        result[name] = t.to(device) if str(device) != "cpu" else t
+    return result
+
+
+def _s3_read_ranges(uri: str, jobs: list[tuple[torch.Tensor, int, int]]) -> None:
+    """Fill each buffer with its byte range, BLOCK_SIZE at a time, MAX_IN_FLIGHT GETs at once."""
+    fs = s3_filesystem()
+    chunks = []
+    for buf, start, end in jobs:
+        view = memoryview(buf.numpy())
+        for off in range(start, end, BLOCK_SIZE):
+            chunks.append((view, off - start, off, min(off + BLOCK_SIZE, end)))
+
+    def fetch(chunk) -> None:
+        view, pos, a, b = chunk
+        data = _s3_call(uri, fs.cat_file, uri, start=a, end=b)
+        if len(data) != b - a:
+            raise ValueError(f"{uri}: short read at bytes {a}-{b} (object truncated?)")
+        view[pos : pos + len(data)] = data
+
+    with ThreadPoolExecutor(MAX_IN_FLIGHT) as pool:
+        # map() would queue every chunk at once; windows keep in-flight bytes bounded
+        for i in range(0, len(chunks), MAX_IN_FLIGHT):
+            list(pool.map(fetch, chunks[i : i + MAX_IN_FLIGHT]))
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """Stream a safetensors file (header, then each tensor's bytes) to a local path or S3."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{path}: value for {name!r} is a {type(t).__name__}, not a tensor")
+        if t.dtype not in DTYPE_NAMES:
+            raise TypeError(f"{path}: tensor {name!r} has dtype {t.dtype} that safetensors cannot store")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data section 8-byte aligned, as safetensors writes it
+    with open_stream(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors.values():
+            t = t.detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: tensors in safetensors, everything else in a JSON manifest written last
+
+
+def _encode(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON-able tree with tensors replaced by {"__tensor__": dotted key}."""
+    if isinstance(obj, torch.Tensor):
+        if prefix in tensors:
+            raise ValueError(f"checkpoint key {prefix!r} appears twice after flattening")
+        tensors[prefix] = obj
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _encode(v, f"{prefix}.{k}" if prefix else k, tensors) for k, v in obj.items()}
+        return {"__items__": [[k, _encode(v, f"{prefix}.{k}" if prefix else str(k), tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"checkpoint value at {prefix!r} is a {type(obj).__name__}; only tensors and JSON types")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__items__" in obj:
+            return {k: _decode(v, tensors) for k, v in obj["__items__"]}
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj
+
+
+def save_ckpt(state: dict, path: str) -> None:
+    """Save a nested state dict: tensors to safetensors, the rest to a manifest written last."""
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _encode(state, "", tensors)
+    write_safetensors(tensors, join(path, TENSORS))
+    write_bytes(json.dumps({"format": "wmtp-ckpt/1", "state": tree}, indent=1).encode(), join(path, MANIFEST))
+
+
+def load_ckpt(path: str) -> dict:
+    """Load a checkpoint saved by `save_ckpt` (no pickle)."""
+    manifest_path = join(path, MANIFEST)
+    if not exists(manifest_path):
+        raise FileNotFoundError(f"{path}: incomplete checkpoint (no {MANIFEST})")
+    manifest = json.loads(read_bytes(manifest_path))
+    tensors = read_safetensors(join(path, TENSORS))
+    return _decode(manifest["state"], tensors)
+
+
+_STEP = re.compile(r"^step_(\d+)$")
+
+
+def list_ckpts(root: str) -> list[str]:
+    """Complete checkpoints (`step_<N>` with a manifest) under root, oldest first."""
+    found = []
+    for name in list_dir(root):
+        m = _STEP.match(name)
+        if m and exists(join(root, name, MANIFEST)):
+            found.append((int(m.group(1)), join(root, name)))
+    return [p for _, p in sorted(found)]
+
+
+def latest_ckpt(root: str) -> str | None:
+    """The newest complete checkpoint under root, or None; ones without a manifest are skipped."""
+    ckpts = list_ckpts(root)
+    return ckpts[-1] if ckpts else None
+
+
+def remove_ckpt(path: str) -> None:
+    """Delete a checkpoint, manifest first, so a half-deleted one is never taken as complete."""
+    manifest = join(path, MANIFEST)
+    if exists(manifest):
+        remove(manifest)
+    remove(path)

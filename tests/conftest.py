@@ -1,0 +1,77 @@
+"""Shared fixtures: a real S3 API (moto server on 127.0.0.1) and isolated environments."""
+
+import os
+import socket
+import sys
+import urllib.request
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import io_stream  # noqa: E402
+
+BUCKET = "wmtp-test"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """Start one moto S3 server for the session; s3fs is async, so the in-process mock can't reach it."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing-secret-value",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=endpoint,
+    )
+    os.environ.pop("AWS_PROFILE", None)
+    yield endpoint
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3(s3_endpoint):
+    """A fresh moto state with one empty bucket; yields its s3:// root."""
+    import boto3
+
+    urllib.request.urlopen(urllib.request.Request(f"{s3_endpoint}/moto-api/reset", method="POST")).read()
+    io_stream.configure_s3()  # drop cached filesystems and any explicit settings
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    yield f"s3://{BUCKET}"
+    io_stream.configure_s3()
+
+
+@pytest.fixture
+def boto(s3_endpoint):
+    """A boto3 S3 client on the moto server (an independent path to the same bytes)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    """Run a test once on a local folder and once on an S3 prefix."""
+    if request.param == "local":
+        yield str(tmp_path / "root")
+    else:
+        yield request.getfixturevalue("s3") + "/root"
