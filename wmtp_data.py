@@ -1,0 +1,563 @@
+"""Data, MTP targets, the memory-efficient weighted MTP loss, and the four weightings.
+
+Read top to bottom: datasets -> token ids -> MTP labels -> loss -> weights -> value head.
+Every function works on plain tensors; `mtp_loss` only needs a model with `run_trunk`,
+`run_head`, `lm_head` and `n_heads` (see wmtp_model.MTPModel).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import io_stream
+
+IGNORE = -100  # label of a slot that carries no loss
+PYTHON_LANGUAGES = (
+    1,
+    3,
+    "PYTHON",
+    "PYTHON3",
+)  # CodeContests' Language enum: PYTHON = 1, PYTHON3 = 3
+KINDS = ("mbpp", "humaneval", "codecontests", "custom", "text")
+CHUNK_ELEMENTS = 2**24  # logits per vocabulary-projection chunk (64 MiB in fp32)
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+
+
+class Example(NamedTuple):
+    """One training example.
+
+    `tests` are Python snippets to run in order after the code (MBPP, HumanEval, custom) or
+    `[stdin, expected_stdout]` pairs (CodeContests). `label` is the verifiable reward (1.0 for a
+    reference or accepted solution, 0.0 for an incorrect one) or None when the data has none.
+    """
+
+    id: str
+    prompt: str
+    completion: str
+    tests: list
+    label: float | None = None
+
+
+def _field(rec: dict, name: str, types: type | tuple[type, ...], where: str):
+    """rec[name], checked for presence and type; errors name the file, record and field."""
+    if name not in rec:
+        raise ValueError(f"{where}: missing field {name!r}")
+    value = rec[name]
+    if not isinstance(value, types):
+        raise ValueError(f"{where}: field {name!r} is a {type(value).__name__}, expected {types}")
+    return value
+
+
+def _detect_kind(rec: dict, path: str) -> str:
+    """Format of a dataset from the fields of its first record."""
+    if "canonical_solution" in rec and "entry_point" in rec:
+        return "humaneval"
+    if "test_list" in rec and "code" in rec:
+        return "mbpp"
+    if "solutions" in rec and "description" in rec:
+        return "codecontests"
+    if "prompt" in rec and "completion" in rec:
+        return "custom"
+    if "text" in rec:
+        return "text"
+    raise ValueError(
+        f"{path}: record 1: unknown dataset format (fields {sorted(rec)}); expected MBPP, HumanEval, "
+        "CodeContests, prompt+completion or text"
+    )
+
+
+def _mbpp(rec: dict, where: str) -> list[Example]:
+    """MBPP: the problem statement and its first test as prompt, the reference code as completion."""
+    text = _field(rec, "text", str, where)
+    code = _field(rec, "code", str, where)
+    tests = _field(rec, "test_list", list, where)
+    setup = rec.get("test_setup_code") or ""
+    challenge = rec.get("challenge_test_list") or []
+    prompt = f"{text}\nYour code should pass this test:\n{tests[0]}\n" if tests else f"{text}\n"
+    task_id = _field(rec, "task_id", (int, str), where)
+    all_tests = ([setup] if setup else []) + list(tests) + list(challenge)
+    return [Example(str(task_id), prompt, code.replace("\r\n", "\n"), all_tests, 1.0)]
+
+
+def _humaneval(rec: dict, where: str) -> list[Example]:
+    """HumanEval: signature + docstring as prompt, the canonical body as completion."""
+    entry = _field(rec, "entry_point", str, where)
+    tests = [_field(rec, "test", str, where), f"check({entry})\n"]
+    return [
+        Example(
+            _field(rec, "task_id", str, where),
+            _field(rec, "prompt", str, where),
+            _field(rec, "canonical_solution", str, where),
+            tests,
+            1.0,
+        )
+    ]
+
+
+def _io_pairs(rec: dict, name: str, where: str) -> list[list[str]]:
+    """[[stdin, stdout], ...] from a CodeContests `{input: [...], output: [...]}` field."""
+    tests = rec.get(name) or {"input": [], "output": []}
+    if not isinstance(tests, dict):
+        raise ValueError(f"{where}: field {name!r} is a {type(tests).__name__}, expected an object")
+    inputs = _field(tests, "input", list, f"{where}: {name}")
+    outputs = _field(tests, "output", list, f"{where}: {name}")
+    if len(inputs) != len(outputs):
+        raise ValueError(
+            f"{where}: field {name!r} has {len(inputs)} inputs but {len(outputs)} outputs"
+        )
+    return [[i, o] for i, o in zip(inputs, outputs)]
+
+
+def _codecontests(rec: dict, where: str) -> list[Example]:
+    """CodeContests: one example per Python solution; label 1.0 if accepted, 0.0 if incorrect."""
+    name = _field(rec, "name", str, where)
+    description = _field(rec, "description", str, where)
+    _field(rec, "solutions", dict, where)
+    tests = [
+        pair
+        for f in ("public_tests", "private_tests", "generated_tests")
+        for pair in _io_pairs(rec, f, where)
+    ]
+    prompt = (
+        "Solve the following problem in Python. Read from standard input and write to standard output.\n\n"
+        f"{description.strip()}\n\nSolution:\n"
+    )
+    out = []
+    for field, label in (("solutions", 1.0), ("incorrect_solutions", 0.0)):
+        sols = rec.get(field) or {"language": [], "solution": []}
+        if not isinstance(sols, dict):
+            raise ValueError(
+                f"{where}: field {field!r} is a {type(sols).__name__}, expected an object"
+            )
+        languages = _field(sols, "language", list, f"{where}: {field}")
+        codes = _field(sols, "solution", list, f"{where}: {field}")
+        if len(languages) != len(codes):
+            raise ValueError(
+                f"{where}: field {field!r} has {len(languages)} languages but {len(codes)} solutions"
+            )
+        for i, (lang, code) in enumerate(zip(languages, codes)):
+            if lang in PYTHON_LANGUAGES:
+                out.append(
+                    Example(f"{name}/{field}/{i}", prompt, code.replace("\r\n", "\n"), tests, label)
+                )
+    return out
+
+
+def _custom(rec: dict, where: str, n: int) -> list[Example]:
+    """A `prompt` + `completion` record; optional `id`, `tests` and `label`."""
+    label = rec.get("label")
+    if label is not None and not isinstance(label, (int, float)):
+        raise ValueError(f"{where}: field 'label' is a {type(label).__name__}, expected a number")
+    return [
+        Example(
+            str(rec.get("id", n)),
+            _field(rec, "prompt", str, where),
+            _field(rec, "completion", str, where),
+            list(rec.get("tests") or []),
+            None if label is None else float(label),
+        )
+    ]
+
+
+def _text(rec: dict, where: str, n: int) -> list[Example]:
+    """A plain `text` record: all of it is completion (carries loss)."""
+    return [Example(str(rec.get("id", n)), "", _field(rec, "text", str, where), [], None)]
+
+
+def dataset_file(path: str, split: str = "train") -> str:
+    """The record file for `path`: itself if it names one, else `{split}.jsonl|.jsonl.gz|.json` inside."""
+    if path.lower().endswith((".jsonl", ".jsonl.gz", ".json")):
+        return path
+    for ext in (".jsonl", ".jsonl.gz", ".json"):
+        candidate = io_stream.join(path, split + ext)
+        if io_stream.exists(candidate):
+            return candidate
+    raise FileNotFoundError(
+        f"{path}: no {split}.jsonl, {split}.jsonl.gz or {split}.json in this folder"
+    )
+
+
+def iter_dataset(path: str, split: str = "train", *, kind: str | None = None) -> Iterator[Example]:
+    """Stream Examples from a dataset file or folder, local or S3; the format comes from the first record."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown dataset kind {kind!r} (one of {', '.join(KINDS)})")
+    file = dataset_file(path, split)
+    for n, rec in enumerate(io_stream.iter_records(file), 1):
+        if kind is None:
+            kind = _detect_kind(rec, file)
+        where = f"{file}: record {n}"
+        if kind == "mbpp":
+            yield from _mbpp(rec, where)
+        elif kind == "humaneval":
+            yield from _humaneval(rec, where)
+        elif kind == "codecontests":
+            yield from _codecontests(rec, where)
+        elif kind == "custom":
+            yield from _custom(rec, where, n)
+        else:
+            yield from _text(rec, where, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token ids
+
+
+def encode(
+    tokenizer, example: Example, max_length: int, *, prompt_loss: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """BOS + prompt + completion + EOS as (input_ids, loss_mask, cut); cut = the completion was cut.
+
+    Loss is on completion tokens and EOS (and on the prompt too with `prompt_loss`). A too-long
+    example loses prompt tokens from the left first; if the completion alone does not fit, it is
+    cut on the right, the EOS is dropped (the text did not end there) and `cut` is True.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    prompt = tokenizer.encode(example.prompt) if example.prompt else []
+    completion = tokenizer.encode(example.completion)
+    cut = 1 + len(completion) + 1 > max_length
+    if cut:
+        prompt, completion, tail = [], completion[: max_length - 1], []
+    else:
+        room = max_length - 2 - len(completion)  # prompt tokens that fit
+        prompt, tail = prompt[max(0, len(prompt) - room) :], [tokenizer.eos_id]
+    ids = [tokenizer.bos_id, *prompt, *completion, *tail]
+    mask = [False] + [prompt_loss] * len(prompt) + [True] * (len(completion) + len(tail))
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool), cut
+
+
+def collate(batch: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad (input_ids, loss_mask, ...) items to one batch; padding carries no loss."""
+    if not batch:
+        raise ValueError("collate got an empty batch")
+    width = max(len(item[0]) for item in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(batch), width), dtype=torch.bool)
+    for i, (ids, mask, *_) in enumerate(batch):
+        input_ids[i, : len(ids)] = ids
+        attention_mask[i, : len(ids)] = 1
+        loss_mask[i, : len(ids)] = mask
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+# ---------------------------------------------------------------------------------------------
+# MTP targets
+
+
+def mtp_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """labels[b,t,k] = input_ids[b,t+k+1] where t+k+1 < S and that token carries loss, else -100."""
+    B, S = input_ids.shape
+    labels = torch.full((B, S, n_heads), IGNORE, dtype=torch.long, device=input_ids.device)
+    for k in range(n_heads):
+        shift = k + 1
+        if shift < S:
+            target = input_ids[:, shift:]
+            labels[:, : S - shift, k] = torch.where(loss_mask[:, shift:].bool(), target, IGNORE)
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+
+@torch.no_grad()
+def _linear_ce(
+    z: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """Per-row fp32 cross-entropy of z @ weight.T against target, one chunk of rows at a time."""
+    ce = torch.empty(len(z), dtype=torch.float32, device=z.device)
+    for s in range(0, len(z), chunk):
+        logits = (z[s : s + chunk] @ weight.t()).float()
+        y = target[s : s + chunk, None]
+        ce[s : s + chunk] = torch.logsumexp(logits, -1) - logits.gather(1, y).squeeze(1)
+    return ce
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """Σ_k Σ_i w_ki·CE(z_k[i] @ W.T, y_ki), with its gradients computed in forward, chunk by chunk.
+
+    The weights are known in forward, so the softmax of each chunk turns into its gradients at
+    once (one matmul for dz, one for dW) and is dropped: no [rows, V] tensor outlives a chunk,
+    and backward only scales the stored [rows, D] and [V, D] gradients by the incoming grad.
+    """
+
+    @staticmethod
+    def forward(ctx, targets, slot_weights, chunk, weight, *zs):
+        dtype, need_w = weight.dtype, ctx.needs_input_grad[3]
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        )
+        total = torch.zeros((), dtype=torch.float32, device=weight.device)
+        ces, grad_zs = [], []
+        for z, y, w in zip(zs, targets, slot_weights):
+            ce = torch.empty(len(z), dtype=torch.float32, device=z.device)
+            grad_z = torch.empty_like(z)
+            for s in range(0, len(z), chunk):
+                zc, yc = z[s : s + chunk], y[s : s + chunk]
+                logits = (zc @ weight.t()).float()
+                lse = torch.logsumexp(logits, -1)
+                ce[s : s + chunk] = lse - logits.gather(1, yc[:, None]).squeeze(1)
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                g[torch.arange(len(yc), device=g.device), yc] -= 1
+                g = g.mul_(w[s : s + chunk, None]).to(dtype)
+                grad_z[s : s + chunk] = g @ weight
+                if grad_w is None:
+                    continue
+                if grad_w.dtype == dtype:
+                    grad_w.addmm_(g.t(), zc)
+                else:  # low-precision model: product in its dtype, sum over chunks in fp32
+                    grad_w += g.t() @ zc
+            total += (w * ce).sum()
+            ces.append(ce)
+            grad_zs.append(grad_z)
+        ctx.weight_dtype = dtype
+        ctx.save_for_backward(grad_w, *grad_zs)
+        ce_all = torch.cat(ces)
+        ctx.mark_non_differentiable(ce_all)
+        return total, ce_all
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total, _grad_ce):
+        grad_w, *grad_zs = ctx.saved_tensors
+        dw = None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype)
+        return (None, None, None, dw, *(g * grad_total.to(g.dtype) for g in grad_zs))
+
+
+def mtp_loss(
+    model,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted MTP loss Σ w·m·CE / Σ w·m and each head's plain mean CE [H] (detached).
+
+    `weights` is None (uniform), a [B,S,H] tensor, or a function called once with the detached
+    per-slot CE [B,S,H] and head 0's final normed hidden state [B,S,D] that returns [B,S,H]
+    (rho1 and critic weights; this costs one extra CE-only projection pass). The trunk runs
+    once and the heads one after another; the vocabulary projection and fp32 cross-entropy go
+    in chunks of `chunk_size` rows, so [B,S,H,V] logits never exist, forward or backward.
+    """
+
+    def loss_fn(model, input_ids, attention_mask):
+        return _mtp_loss(model, input_ids, attention_mask, labels, weights, chunk_size)
+
+    return model(input_ids, attention_mask, fn=loss_fn)
+
+
+def _mtp_loss(model, input_ids, attention_mask, labels, weights, chunk_size):
+    """Body of `mtp_loss`, run inside the model's forward so that FSDP has its root weights gathered."""
+    B, S, H = labels.shape
+    if (B, S) != tuple(input_ids.shape) or H != model.n_heads:
+        raise ValueError(
+            f"labels {tuple(labels.shape)} do not fit input_ids {tuple(input_ids.shape)} and {model.n_heads} heads"
+        )
+    weight = model.lm_head.weight
+    chunk = chunk_size or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    h, ctx = model.run_trunk(input_ids, attention_mask)
+    zs = [model.run_head(k, h, ctx) for k in range(H)]
+
+    valid = labels != IGNORE
+    rows = [
+        valid[..., k].flatten().nonzero().squeeze(1) for k in range(H)
+    ]  # only slots with a target
+    z_rows = [z.flatten(0, 1)[r] for z, r in zip(zs, rows)]
+    y_rows = [labels[..., k].flatten()[r] for k, r in enumerate(rows)]
+    if callable(weights):
+        ce = torch.zeros(B, S, H, dtype=torch.float32, device=labels.device)
+        for k in range(H):
+            ce.view(-1, H)[rows[k], k] = _linear_ce(
+                z_rows[k].detach(), weight.detach(), y_rows[k], chunk
+            )
+        weights = weights(ce, zs[0].detach())
+    w = valid.float() if weights is None else weights.detach().float()
+    if w.shape != labels.shape:
+        raise ValueError(f"weights have shape {tuple(w.shape)}, labels {tuple(labels.shape)}")
+    if (w < 0).any():
+        raise ValueError("weights must be >= 0")
+    w = w.masked_fill(~valid, 0.0)
+    w_rows = [w.view(-1, H)[r, k] for k, r in enumerate(rows)]
+
+    if torch.is_grad_enabled() and (weight.requires_grad or any(z.requires_grad for z in z_rows)):
+        total, ce_rows = _FusedLinearCE.apply(y_rows, w_rows, chunk, weight, *z_rows)
+    else:
+        ce_rows = torch.cat([_linear_ce(z, weight, y, chunk) for z, y in zip(z_rows, y_rows)])
+        total = (torch.cat(w_rows) * ce_rows).sum()
+    loss = total / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+    head_ce = torch.stack([c.mean() for c in ce_rows.split([len(r) for r in rows])])
+    return loss, head_ce
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: each returns [B,S,H], detached, >= 0, zero on invalid slots
+
+
+def uniform_weights(labels: torch.Tensor) -> torch.Tensor:
+    """1 on every slot with a target, 0 elsewhere."""
+    return (labels != IGNORE).float()
+
+
+def _mean_one(w: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Rescale w so that its mean over valid slots is 1."""
+    return w * valid.sum() / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def soft_weights(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float,
+    normalize: str,
+    eps: float,
+    max_weight: float,
+) -> torch.Tensor:
+    """softmax(scores/τ) over the valid heads of a position ("heads") or all valid slots ("tokens"),
+    rescaled to mean 1 over valid slots, clipped to [eps, max_weight], rescaled to mean 1 again."""
+    if temperature <= 0 or not 0 <= eps <= max_weight:
+        raise ValueError(
+            f"need temperature > 0 and 0 <= eps <= max_weight, got {temperature}, {eps}, {max_weight}"
+        )
+    valid = labels != IGNORE
+    logits = (scores.detach().float() / temperature).masked_fill(~valid, float("-inf"))
+    if normalize == "heads":
+        w = torch.softmax(logits, dim=-1)
+    elif normalize == "tokens":
+        w = torch.softmax(logits.flatten(), dim=0).view_as(logits)
+    else:
+        raise ValueError(f"normalize must be 'heads' or 'tokens', got {normalize!r}")
+    w = torch.nan_to_num(
+        w, nan=0.0
+    )  # a position (or batch) without valid slots: softmax of all -inf
+    w = _mean_one(w, valid).clamp(eps, max_weight).masked_fill(~valid, 0.0)
+    return _mean_one(w, valid)
+
+
+def critic_weights(
+    values: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    discount: float = 0.95,
+    temperature: float = 0.7,
+    normalize: str = "heads",
+    eps: float = 0.05,
+    max_weight: float = 3.0,
+) -> torch.Tensor:
+    """Soft weights from value deltas δ_t = V_t − discount·V_{t−1} (V_{−1} = 0): s[t,k] = δ[t+k+1]."""
+    values = values.detach().float()
+    delta = values - discount * F.pad(values[:, :-1], (1, 0))
+    B, S, H = labels.shape
+    scores = torch.zeros(B, S, H, dtype=torch.float32, device=values.device)
+    for k in range(min(H, S - 1)):
+        scores[:, : S - k - 1, k] = delta[:, k + 1 :]
+    return soft_weights(
+        scores, labels, temperature=temperature, normalize=normalize, eps=eps, max_weight=max_weight
+    )
+
+
+@torch.no_grad()
+def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """ce[b,j] = CE(logits[b,j], input_ids[b,j+1]) in fp32, 0 at the last position."""
+    B, S, _ = logits.shape
+    ce = torch.zeros(B, S, dtype=torch.float32, device=logits.device)
+    for b in range(B):  # one row at a time bounds the fp32 copy of a reference model's logits
+        ce[b, :-1] = F.cross_entropy(logits[b, :-1].float(), input_ids[b, 1:], reduction="none")
+    return ce
+
+
+def rho1_excess(ce_model: torch.Tensor, ref_ce: torch.Tensor) -> torch.Tensor:
+    """e[t,k] = ce_model[t,k] − ref_ce[t+k] (the reference's loss on the same token x[t+k+1]); 0 where t+k ≥ S−1."""
+    B, S, H = ce_model.shape
+    excess = torch.zeros(B, S, H, dtype=torch.float32, device=ce_model.device)
+    for k in range(min(H, S - 1)):
+        excess[:, : S - k - 1, k] = (
+            ce_model[:, : S - k - 1, k].float() - ref_ce[:, k : S - 1].float()
+        )
+    return excess.detach()
+
+
+def rho1_weights(
+    excess: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    mode: str = "weighted",
+    temperature: float = 0.7,
+    keep_ratio: float = 0.7,
+    normalize: str = "tokens",
+    eps: float = 0.05,
+    max_weight: float = 3.0,
+) -> torch.Tensor:
+    """Rho-1 weights: soft weights of the excess loss ("weighted"), or 1 on the top `keep_ratio`
+    of valid slots of the batch by excess and 0 elsewhere ("skip"; ties go to the earlier slot)."""
+    if mode == "weighted":
+        return soft_weights(
+            excess,
+            labels,
+            temperature=temperature,
+            normalize=normalize,
+            eps=eps,
+            max_weight=max_weight,
+        )
+    if mode != "skip":
+        raise ValueError(f"mode must be 'weighted' or 'skip', got {mode!r}")
+    if not 0 < keep_ratio <= 1:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    slots = (labels != IGNORE).flatten().nonzero().squeeze(1)
+    n_keep = int(keep_ratio * len(slots) + 0.5)  # nearest, halves up
+    order = torch.sort(
+        excess.detach().flatten()[slots].float(), descending=True, stable=True
+    ).indices
+    w = torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device)
+    w[slots[order[:n_keep]]] = 1.0
+    return w.view(labels.shape)
+
+
+def weight_stats(weights: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Mean, std, max, entropy (of w/Σw, divided by log n: 1 = uniform) and kept fraction over valid slots."""
+    w = weights.detach().float()[labels != IGNORE]
+    n = len(w)
+    if n == 0:
+        return dict.fromkeys(("mean", "std", "max", "entropy", "kept"), math.nan)
+    p = w / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+    entropy = (
+        -torch.special.xlogy(p, p).sum() / math.log(n) if n > 1 else torch.ones((), device=w.device)
+    )
+    stats = torch.stack([w.mean(), w.std(unbiased=False), w.max(), entropy, (w > 0).float().mean()])
+    return dict(zip(("mean", "std", "max", "entropy", "kept"), stats.tolist()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Value head (stage 1)
+
+
+class ValueHead(nn.Module):
+    """MLP dim -> dim/2 -> 1 in fp32 on a final normed hidden state [B,S,D]; returns values [B,S]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim // 2, dtype=torch.float32)
+        self.fc2 = nn.Linear(dim // 2, 1, dtype=torch.float32)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.fc2(F.gelu(self.fc1(hidden.float()))).squeeze(-1)
+
+
+def value_targets(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """G_t = gamma^(T−t)·R on valid tokens (T = last valid token of the row), 0 elsewhere."""
+    mask = mask.bool()
+    pos = torch.arange(mask.shape[1], device=mask.device)
+    last = torch.where(mask, pos, -1).max(dim=1).values
+    returns = rewards.float()[:, None] * gamma ** (last[:, None] - pos).clamp_min(0).float()
+    return returns.masked_fill(~mask, 0.0)
