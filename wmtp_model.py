@@ -8,15 +8,24 @@ RMSNorm and the unembedding. Head k at position t predicts token t+k+1.
 
 from __future__ import annotations
 
+import json
+import re
+
 import torch
+from accelerate import init_empty_weights
 from torch import nn
-from transformers import LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaModel
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
 )
+
+import io_stream
+
+HEADS_FILE = "mtp_heads.safetensors"  # the kit's format: heads 1..H-1
+MTP_JSON = "mtp.json"  # the kit's format: written last, it marks a complete save
 
 # ---------------------------------------------------------------------------------------------
 # The MTP model
@@ -175,15 +184,27 @@ def init_mtp_model(
 # Tokenizers
 
 
+SPECIAL_TOKENS = {  # names tried when a tokenizer.json comes without a tokenizer_config.json
+    "bos": ("<s>", "<|begin_of_text|>", "<bos>", "<|endoftext|>"),
+    "eos": ("</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>"),
+    "pad": ("<pad>", "<|pad|>", "[PAD]"),
+}
+
+
 class Tokenizer:
-    """SentencePiece or `tokenizers` tokenizer; keeps its file name and bytes so it can be saved."""
+    """SentencePiece or `tokenizers` tokenizer; keeps its file name and bytes so it can be saved.
+
+    Special ids come from the SentencePiece model, or for tokenizer.json from `special` (token
+    strings, as tokenizer_config.json gives them) or well-known names; a missing pad id is eos.
+    """
 
     def __init__(
-        self, name: str, data: bytes, *, bos_id: int, eos_id: int, pad_id: int, source: str
+        self, name: str, data: bytes, *, source: str, special: dict[str, str] | None = None
     ):
         self.name = name  # file name to save it under: tokenizer.model or tokenizer.json
         self.data = data
         self.source = source
+        self._sp = self._hf = None
         if name.endswith(".model"):
             import sentencepiece as spm
 
@@ -191,8 +212,8 @@ class Tokenizer:
                 self._sp = spm.SentencePieceProcessor(model_proto=data)
             except Exception as exc:
                 raise ValueError(f"{source}: not a SentencePiece model ({exc})") from None
-            self._hf = None
             self.vocab_size = self._sp.get_piece_size()
+            ids = {"bos": self._sp.bos_id(), "eos": self._sp.eos_id(), "pad": self._sp.pad_id()}
         else:
             from tokenizers import Tokenizer as HFTokenizer
 
@@ -200,14 +221,17 @@ class Tokenizer:
                 self._hf = HFTokenizer.from_str(data.decode())
             except Exception as exc:
                 raise ValueError(f"{source}: not a tokenizers JSON file ({exc})") from None
-            self._sp = None
             self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
-        for what, i in (("bos", bos_id), ("eos", eos_id), ("pad", pad_id)):
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(
-                    f"{source}: {what} id {i} is outside the vocabulary of {self.vocab_size}"
-                )
-        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+            ids = {}
+            for what, names in SPECIAL_TOKENS.items():
+                names = (special[what],) if special and special.get(what) else names
+                found = [i for i in map(self._hf.token_to_id, names) if i is not None]
+                ids[what] = found[0] if found else -1
+        for what in ("bos", "eos"):
+            if ids[what] < 0:
+                raise ValueError(f"{source}: the tokenizer defines no {what.upper()} token")
+        self.bos_id, self.eos_id = ids["bos"], ids["eos"]
+        self.pad_id = ids["pad"] if ids["pad"] >= 0 else self.eos_id
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text, without BOS/EOS."""
@@ -222,8 +246,49 @@ class Tokenizer:
             return self._sp.decode(ids)
         return self._hf.decode(ids, skip_special_tokens=True)
 
+    def files(self) -> dict[str, bytes]:
+        """The files that store this tokenizer: its own, plus the special tokens for a tokenizer.json."""
+        if self._sp is not None:
+            return {self.name: self.data}
+        special = {
+            f"{what}_token": self._hf.id_to_token(i)
+            for what, i in (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id))
+        }
+        return {
+            self.name: self.data,
+            "tokenizer_config.json": json.dumps(special, indent=1).encode(),
+        }
+
     def __repr__(self) -> str:
         return f"Tokenizer({self.source}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path: str | None) -> Tokenizer:
+    """tokenizer.model (SentencePiece) or tokenizer.json from a folder or file, local or S3;
+    None gives byte_tokenizer(). A folder with both uses tokenizer.model."""
+    if path is None:
+        return byte_tokenizer()
+    _, p = io_stream.resolve(path)
+    if p.endswith((".model", ".json")):
+        file, folder = p, p.rsplit("/", 1)[0]
+    else:
+        names = io_stream.list_dir(p)
+        found = [n for n in ("tokenizer.model", "tokenizer.json") if n in names]
+        if not found:
+            raise FileNotFoundError(
+                f"{p}: no tokenizer.model or tokenizer.json here (files: {_short(names) or 'none'})"
+            )
+        file, folder = io_stream.join(p, found[0]), p
+    data = io_stream.read_bytes(file)
+    special = None
+    config_path = io_stream.join(folder, "tokenizer_config.json")
+    if file.endswith(".json") and io_stream.exists(config_path):
+        config = _read_json(config_path)
+        special = {}
+        for what in SPECIAL_TOKENS:
+            token = config.get(f"{what}_token")
+            special[what] = token.get("content") if isinstance(token, dict) else token
+    return Tokenizer(file.rsplit("/", 1)[-1], data, source=file, special=special)
 
 
 def _byte_chars() -> list[str]:
@@ -253,13 +318,9 @@ def byte_tokenizer() -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True) for t in ("<s>", "</s>", "<pad>")])
+    special = {"bos": "<s>", "eos": "</s>", "pad": "<pad>"}
     return Tokenizer(
-        "tokenizer.json",
-        tok.to_str().encode(),
-        bos_id=256,
-        eos_id=257,
-        pad_id=258,
-        source="byte_tokenizer()",
+        "tokenizer.json", tok.to_str().encode(), source="byte_tokenizer()", special=special
     )
 
 
@@ -279,3 +340,492 @@ def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
         b.eos_id,
         b.pad_id,
     ) and a.encode(SAMPLE_CODE) == b.encode(SAMPLE_CODE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward model
+
+
+class RewardModel(nn.Module):
+    """A Llama trunk (with its final norm) and a linear score read at the last attended token."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        config._attn_implementation = config._attn_implementation or "sdpa"
+        self.config = config
+        self.model = LlamaModel(config)
+        self.score = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rewards [B], float32, at each row's rightmost token with attention_mask 1 (either padding side)."""
+        hidden = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        batch, seq = input_ids.shape
+        if attention_mask is None:
+            last = torch.full((batch,), seq - 1, device=input_ids.device)
+        else:
+            last = (torch.arange(seq, device=input_ids.device) * attention_mask.long()).argmax(-1)
+        return (
+            self.score(hidden[torch.arange(batch, device=hidden.device), last]).squeeze(-1).float()
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+KINDS = ("mtp", "causal", "reward")
+PTH = re.compile(r"consolidated\.(\d+)\.pth")
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+META_BLOCK = {  # Meta block key -> HF LlamaDecoderLayer key
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+# Starling-RM's GPTRewardModel holds its trunk twice (transformer.* is model.model.*); older dumps use model.*
+STARLING_PREFIXES = ("transformer.", "model.model.", "model.")
+
+
+def _short(keys) -> str:
+    """At most eight sorted names, then how many more."""
+    keys = sorted(keys)
+    return ", ".join(keys[:8]) + (f", ... ({len(keys) - 8} more)" if len(keys) > 8 else "")
+
+
+def _read_json(path: str) -> dict:
+    """A JSON object from a small local or S3 file."""
+    try:
+        data = json.loads(io_stream.read_bytes(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _check_keys(source: str, expected: dict[str, tuple], found: dict[str, tuple]) -> None:
+    """Raise one error listing missing keys, unexpected keys and shape mismatches."""
+    missing, unexpected = expected.keys() - found.keys(), found.keys() - expected.keys()
+    wrong = [
+        f"{k} {tuple(found[k])} vs {tuple(expected[k])}"
+        for k in sorted(expected.keys() & found.keys())
+        if tuple(found[k]) != tuple(expected[k])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {_short(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatch, file vs model: {'; '.join(wrong[:8])}")
+    if problems:
+        raise ValueError(f"{source}: weights do not fit the model: " + "; ".join(problems))
+
+
+def _place(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """t on device, floating tensors cast to dtype when one is given (no copy when nothing changes)."""
+    return t.to(
+        device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype
+    )
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple]:
+    """Parameter/buffer names and shapes of a (meta-device) model's state dict."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def detect_format(path: str, names: list[str]) -> str:
+    """'kit', 'meta' or 'hf' from the files present in a model folder."""
+    has = set(names)
+    hf = "config.json" in has and bool(has & set(HF_WEIGHTS))
+    if hf and {MTP_JSON, HEADS_FILE} <= has:
+        return "kit"
+    if "params.json" in has and any(PTH.fullmatch(n) for n in names):
+        return "meta"
+    if hf:
+        return "hf"
+    if not names:
+        raise FileNotFoundError(f"{path}: no such folder, or it is empty")
+    raise ValueError(
+        f"{path}: no model found (files: {_short(names)}); expected params.json + consolidated.NN.pth "
+        f"(Meta native) or config.json + model.safetensors[.index.json] (Hugging Face / this kit)"
+    )
+
+
+def load_model(
+    path: str,
+    *,
+    kind: str = "mtp",
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    n_heads: int | None = None,
+) -> nn.Module:
+    """Load a model folder (local or S3), its format detected from the files present.
+
+    kind="mtp": an MTPModel from Meta native, the kit's own format, or a plain HF Llama with
+    n_heads=H (heads 1..H-1 start as copies of its last block). kind="causal": an
+    AutoModelForCausalLM from an HF folder. kind="reward": a RewardModel from an HF
+    sequence-classification or Starling-RM folder. dtype=None keeps the stored dtype.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    _, path = io_stream.resolve(path)
+    device = torch.device(device)
+    fmt = detect_format(path, io_stream.list_dir(path))
+    if fmt == "meta":
+        if kind != "mtp":
+            raise ValueError(
+                f"{path}: a Meta native checkpoint loads only as kind='mtp', not {kind!r}"
+            )
+        return _load_meta(path, n_heads=n_heads, dtype=dtype, device=device)
+    if kind == "mtp":
+        return _load_llama_mtp(path, kit=fmt == "kit", n_heads=n_heads, dtype=dtype, device=device)
+    if kind == "causal":
+        return _load_causal(path, dtype=dtype, device=device)
+    return _load_reward(path, dtype=dtype, device=device)
+
+
+def _load_pth(path: str) -> dict[str, torch.Tensor]:
+    """A weights-only .pth state dict: memory-mapped when local, from a seekable stream on S3."""
+    kind, p = io_stream.resolve(path)
+    try:
+        if kind == "local":
+            sd = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            with io_stream.open_stream(p) as f:
+                sd = torch.load(f, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # zip, unpickling and weights-only refusals share no base class
+        why = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"{p}: not a weights-only PyTorch checkpoint ({type(exc).__name__}: {why})"
+        ) from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{p}: expected a flat dict of tensors")
+    return sd
+
+
+def _shard_dim(key: str) -> int | None:
+    """Model-parallel split dim of a Meta key: 0 column-parallel, 1 row-parallel, None replicated."""
+    if key == "output.weight" or key.endswith(
+        ("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight")
+    ):
+        return 0
+    if key == "tok_embeddings.weight" or key.endswith(("wo.weight", "w2.weight")):
+        return 1
+    return None
+
+
+def _merge_shards(
+    shards: list[dict[str, torch.Tensor]], files: list[str]
+) -> dict[str, torch.Tensor]:
+    """One state dict from Meta's model-parallel shards, freeing each piece as it is merged."""
+    first = shards[0]
+    for file, shard in zip(files[1:], shards[1:]):
+        if shard.keys() != first.keys():
+            raise ValueError(
+                f"{file}: tensors differ from {files[0]}: {_short(shard.keys() ^ first.keys())}"
+            )
+    if len(shards) == 1:
+        return first
+    merged = {}
+    for key in list(first):
+        pieces = [shard.pop(key) for shard in shards]
+        dim = _shard_dim(key)
+        if dim is not None:
+            merged[key] = torch.cat(pieces, dim=dim)
+        elif all(torch.equal(pieces[0], p) for p in pieces[1:]):
+            merged[key] = pieces[0]
+        else:
+            raise ValueError(f"{files[0]}...: replicated tensor {key!r} differs between shards")
+    return merged
+
+
+def _meta_names(n_trunk: int, n_heads: int) -> dict[str, str]:
+    """Meta checkpoint key -> MTPModel key."""
+    names = {
+        "tok_embeddings.weight": "embed_tokens.weight",
+        "norm.weight": "norm.weight",
+        "output.weight": "lm_head.weight",
+    }
+    for i in range(n_trunk + 1):  # Meta's last `layers` block is head 0
+        target = f"layers.{i}" if i < n_trunk else "heads.0"
+        names |= {f"layers.{i}.{a}": f"{target}.{b}" for a, b in META_BLOCK.items()}
+    for j in range(n_heads - 1):
+        names |= {f"extra_heads.{j}.{a}": f"heads.{j + 1}.{b}" for a, b in META_BLOCK.items()}
+    return names
+
+
+def _permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """wq/wk rows from Meta's interleaved rotary pairs to HF's rotate-half layout, head by head."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _load_meta(path: str, *, n_heads: int | None, dtype, device: torch.device) -> MTPModel:
+    """MTPModel from params.json + consolidated.NN.pth (several files: model-parallel shards)."""
+    params_path = io_stream.join(path, "params.json")
+    params = _read_json(params_path)
+    absent = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
+    if absent:
+        raise ValueError(f"{params_path}: missing required field(s) {absent}")
+    H = params.get("n_future_tokens", 1)
+    if n_heads is not None and n_heads != H:
+        raise ValueError(
+            f"{params_path}: n_future_tokens is {H}, but n_heads={n_heads} was asked for"
+        )
+    files = sorted(
+        (n for n in io_stream.list_dir(path) if PTH.fullmatch(n)),
+        key=lambda n: int(PTH.fullmatch(n)[1]),
+    )
+    sd = _merge_shards([_load_pth(io_stream.join(path, f)) for f in files], files)
+    sd.pop(
+        "rope.freqs", None
+    )  # Llama checkpoints carry a rotary table; it is recomputed from rope_theta
+    vocab_size = params.get("vocab_size", -1)
+    if vocab_size is None or vocab_size <= 0:  # Llama-2 writes -1: the tokenizer decides
+        if "tok_embeddings.weight" not in sd:
+            raise ValueError(
+                f"{params_path}: no vocab_size and no tok_embeddings.weight to take it from"
+            )
+        vocab_size = sd["tok_embeddings.weight"].shape[0]
+    try:
+        dim, n_layers, n_attn_heads = (
+            int(params["dim"]),
+            int(params["n_layers"]),
+            int(params["n_heads"]),
+        )
+        n_kv_heads = int(params.get("n_kv_heads") or n_attn_heads)
+        if not 1 <= H <= n_layers:
+            raise ValueError(f"n_future_tokens {H} must be between 1 and n_layers {n_layers}")
+        config = llama_config(
+            vocab_size=int(vocab_size),
+            dim=dim,
+            n_blocks=n_layers - H + 1,
+            n_attn_heads=n_attn_heads,
+            n_kv_heads=n_kv_heads,
+            ffn_dim=ffn_width(
+                dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier")
+            ),
+            max_seq_len=int(params.get("max_seq_len", 4096)),
+            rope_theta=float(params.get("rope_theta", 10000.0)),
+            norm_eps=float(params.get("norm_eps", 1e-5)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{params_path}: {exc}") from None
+    with init_empty_weights():
+        model = MTPModel(config, H)
+    names, shapes = _meta_names(n_layers - H, H), _shapes(model)
+    _check_keys(path, {k: shapes[v] for k, v in names.items()}, {k: t.shape for k, t in sd.items()})
+    tensors = {}
+    for key in list(sd):
+        t = _place(sd.pop(key), dtype, device)
+        if key.endswith("attention.wq.weight"):
+            t = _permute_rotary(t, n_attn_heads)
+        elif key.endswith("attention.wk.weight"):
+            t = _permute_rotary(t, n_kv_heads)
+        tensors[names[key]] = t
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return model.to(device)
+
+
+def _hf_config(path: str):
+    """The transformers config in a folder's config.json."""
+    config_path = io_stream.join(path, "config.json")
+    data = _read_json(config_path)
+    model_type = data.pop("model_type", None)
+    if not model_type:
+        raise ValueError(f"{config_path}: no model_type")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{config_path}: {exc}") from None
+
+
+def _llama_config(path: str) -> LlamaConfig:
+    """config.json of a folder that must hold a Llama model."""
+    config = _hf_config(path)
+    if config.model_type != "llama":
+        raise ValueError(
+            f"{path}/config.json: model_type is {config.model_type!r}; this needs a Llama model"
+        )
+    return config
+
+
+def _weight_headers(path: str, extra: tuple[str, ...] = ()) -> dict[str, tuple[str, tuple]]:
+    """{tensor name: (safetensors file, shape)} over an HF folder's weight files (and extra files)."""
+    names = io_stream.list_dir(path)
+    if "model.safetensors.index.json" in names:
+        index_path = io_stream.join(path, "model.safetensors.index.json")
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index_path}: no weight_map object")
+        files = list(dict.fromkeys(weight_map.values()))
+    else:
+        files = ["model.safetensors"]
+    headers: dict[str, tuple[str, tuple]] = {}
+    for name in [*files, *extra]:
+        file = io_stream.join(path, name)
+        header, _, _ = io_stream.read_safetensors_header(file)
+        for key, info in header.items():
+            if key in headers:
+                raise ValueError(f"{file}: tensor {key!r} is also in {headers[key][0]}")
+            headers[key] = (file, tuple(info["shape"]))
+    return headers
+
+
+def _read_tensors(
+    headers: dict[str, tuple[str, tuple]], names: dict[str, str], dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """{model key: tensor} for names {file key: model key}, read file by file."""
+    by_file: dict[str, list[tuple[str, str]]] = {}
+    for file_key, model_key in names.items():
+        by_file.setdefault(headers[file_key][0], []).append((file_key, model_key))
+    out = {}
+    for file, pairs in by_file.items():
+        got = io_stream.read_safetensors(file, keys=[k for k, _ in pairs])
+        for file_key, model_key in pairs:
+            out[model_key] = _place(got.pop(file_key), dtype, device)
+    return out
+
+
+def _kit_key(name: str, n_trunk: int) -> str:
+    """HF Llama checkpoint name of an MTPModel key of the trunk or head 0 (head 0 = last block)."""
+    if name.startswith("heads.0."):
+        return f"model.layers.{n_trunk}." + name.removeprefix("heads.0.")
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def _load_llama_mtp(
+    path: str, *, kit: bool, n_heads: int | None, dtype, device: torch.device
+) -> MTPModel:
+    """MTPModel from the kit's format, or from a plain HF Llama whose last block becomes every head."""
+    config = _llama_config(path)
+    if config.tie_word_embeddings:
+        raise ValueError(f"{path}: tied input/output embeddings are not supported for an MTP model")
+    if kit:
+        meta_path = io_stream.join(path, MTP_JSON)
+        H = _read_json(meta_path).get("n_heads")
+        if not isinstance(H, int) or H < 1:
+            raise ValueError(f"{meta_path}: n_heads must be a positive integer, got {H!r}")
+        if n_heads is not None and n_heads != H:
+            raise ValueError(
+                f"{meta_path}: the model has {H} heads, but n_heads={n_heads} was asked for"
+            )
+    elif n_heads is None:
+        raise ValueError(
+            f"{path} is a plain Hugging Face model: pass n_heads=H to load it as an MTP model "
+            "(heads 1..H-1 start as copies of its last block)"
+        )
+    else:
+        H = n_heads
+    with init_empty_weights():
+        model = MTPModel(config, H)
+    n_trunk, shapes = len(model.layers), _shapes(model)
+    extra_heads = [k for k in shapes if k.startswith("heads.") and not k.startswith("heads.0.")]
+    names = {_kit_key(k, n_trunk): k for k in shapes if k not in extra_heads}
+    if kit:
+        names |= {k: k for k in extra_heads}
+    headers = _weight_headers(path, (HEADS_FILE,) if kit else ())
+    _check_keys(
+        path, {k: shapes[v] for k, v in names.items()}, {k: s for k, (_, s) in headers.items()}
+    )
+    tensors = _read_tensors(headers, names, dtype, device)
+    if not kit:
+        for key in extra_heads:
+            tensors[key] = tensors["heads.0." + key.split(".", 2)[2]].clone()
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return model.to(device)
+
+
+def _load_causal(path: str, *, dtype, device: torch.device) -> nn.Module:
+    """AutoModelForCausalLM from an HF folder, weights streamed into a model built without them."""
+    config = _hf_config(path)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    shapes, headers = _shapes(model), _weight_headers(path)
+    tied = bool(getattr(config, "tie_word_embeddings", False)) and "lm_head.weight" not in headers
+    expected = {k: s for k, s in shapes.items() if not (tied and k == "lm_head.weight")}
+    _check_keys(path, expected, {k: s for k, (_, s) in headers.items()})
+    tensors = _read_tensors(headers, {k: k for k in expected}, dtype, device)
+    if tied:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if tied:
+        model.tie_weights()
+    return model.to(device)
+
+
+def _load_reward(path: str, *, dtype, device: torch.device) -> RewardModel:
+    """RewardModel from an HF LlamaForSequenceClassification (score.weight) or Starling-RM (v_head.weight)."""
+    config = _llama_config(path)
+    with init_empty_weights():
+        model = RewardModel(config)
+    shapes, headers = _shapes(model), _weight_headers(path)
+    trunk = [k.removeprefix("model.") for k in shapes if k.startswith("model.")]
+    ignored: set[str] = set()
+    if "score.weight" in headers:
+        names = {k: k for k in shapes}
+    elif "v_head.weight" in headers:
+        prefix = next((p for p in STARLING_PREFIXES if p + "embed_tokens.weight" in headers), None)
+        if prefix is None:
+            raise ValueError(
+                f"{path}: has v_head.weight but no Llama trunk under any of {STARLING_PREFIXES}"
+            )
+        names = {prefix + k: "model." + k for k in trunk} | {"v_head.weight": "score.weight"}
+        # the trunk's alias and the unused LM head of Starling's GPTRewardModel are skipped, not read
+        ignored = {p + k for p in STARLING_PREFIXES if p != prefix for k in trunk}
+        ignored |= {"lm_head.weight", "model.lm_head.weight"}
+    else:
+        raise ValueError(
+            f"{path}: kind='reward' needs score.weight (sequence classification) or v_head.weight "
+            "(Starling-RM); the weights have neither"
+        )
+    found = {k: s for k, (_, s) in headers.items() if k not in ignored}
+    _check_keys(path, {k: shapes[v] for k, v in names.items()}, found)
+    model.load_state_dict(_read_tensors(headers, names, dtype, device), strict=True, assign=True)
+    return model.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_model(model: MTPModel, path: str, tokenizer: Tokenizer | None = None) -> None:
+    """Write the kit's format: an HF Llama folder (trunk + head 0) that AutoModelForCausalLM loads,
+    plus heads 1..H-1 in mtp_heads.safetensors and the tokenizer's files; mtp.json goes last."""
+    _, path = io_stream.resolve(path)
+    marker = io_stream.join(path, MTP_JSON)
+    if io_stream.exists(marker):  # an interrupted overwrite must not look complete
+        io_stream.remove(marker)
+    n_trunk = len(model.layers)
+    main, extra = {}, {}
+    for name, t in model.state_dict().items():
+        if name.startswith("heads.") and not name.startswith("heads.0."):
+            extra[name] = t
+        else:
+            main[_kit_key(name, n_trunk)] = t
+    io_stream.write_safetensors(main, io_stream.join(path, "model.safetensors"), {"format": "pt"})
+    io_stream.write_safetensors(extra, io_stream.join(path, HEADS_FILE), {"format": "pt"})
+    config = model.config.to_dict()
+    config |= {
+        "architectures": ["LlamaForCausalLM"],
+        "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
+    }
+    io_stream.write_bytes(
+        json.dumps(config, indent=2).encode(), io_stream.join(path, "config.json")
+    )
+    for name, data in (tokenizer.files() if tokenizer is not None else {}).items():
+        io_stream.write_bytes(data, io_stream.join(path, name))
+    io_stream.write_bytes(
+        json.dumps({"format": "wmtp-mtp/1", "n_heads": model.n_heads}).encode(), marker
+    )
