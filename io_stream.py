@@ -15,8 +15,8 @@ import os
 import re
 import tempfile
 import threading
+import zlib
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlparse
 
@@ -26,6 +26,7 @@ import torch
 BLOCK_SIZE = 8 * 2**20  # bytes per ranged GET / multipart part
 MAX_IN_FLIGHT = 8  # concurrent ranged GETs in read_safetensors
 MAX_HEADER = 100 * 2**20  # safetensors header size cap
+HEADER_PROBE = 64 * 2**10  # first GET of a safetensors file: the length and most headers
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 
@@ -71,7 +72,9 @@ def configure_s3(
     endpoint_url: str | None = None, region: str | None = None, profile: str | None = None
 ) -> None:
     """Set S3 endpoint/region/profile (None falls back to the standard AWS environment)."""
-    _s3_settings.update(endpoint_url=endpoint_url or None, region=region or None, profile=profile or None)
+    _s3_settings.update(
+        endpoint_url=endpoint_url or None, region=region or None, profile=profile or None
+    )
     _s3_fs.clear()
 
 
@@ -79,8 +82,16 @@ def s3_filesystem():
     """The s3fs filesystem for the current settings (one instance per setting)."""
     import s3fs
 
-    endpoint = _s3_settings["endpoint_url"] or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = _s3_settings["region"] or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    endpoint = (
+        _s3_settings["endpoint_url"]
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    region = (
+        _s3_settings["region"]
+        or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+    )
     profile = _s3_settings["profile"] or os.environ.get("AWS_PROFILE")
     key = (endpoint, region, profile, os.getpid())
     with _s3_lock:
@@ -90,7 +101,10 @@ def s3_filesystem():
                 endpoint_url=endpoint,
                 profile=profile,
                 client_kwargs=client_kwargs,
-                config_kwargs={"connect_timeout": 10, "retries": {"max_attempts": 3, "mode": "standard"}},
+                config_kwargs={
+                    "connect_timeout": 10,
+                    "retries": {"max_attempts": 3, "mode": "standard"},
+                },
                 skip_instance_cache=True,
                 use_listings_cache=False,
             )
@@ -99,20 +113,34 @@ def s3_filesystem():
 
 def _s3_error(uri: str, exc: BaseException) -> Exception:
     """Turn an s3fs/botocore failure into one clear exception naming the URI and no secret."""
-    text = f"{type(exc).__name__} {exc}"
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code", "") if hasattr(exc, "response") else ""
-    probe = f"{code} {text}"
+    # s3fs re-raises botocore's ClientError as OSError; the S3 error code stays on the cause
+    response = getattr(exc, "response", None) or getattr(exc.__cause__, "response", None) or {}
+    code = response.get("Error", {}).get("Code", "")
+    probe = f"{code} {type(exc).__name__} {exc}"
     bucket = uri[len("s3://") :].split("/", 1)[0]
     if "NoSuchBucket" in probe or "bucket does not exist" in probe.lower():
         return FileNotFoundError(f"{uri}: no such bucket {bucket!r}")
-    if any(s in probe for s in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken")):
-        return PermissionError(f"{uri}: S3 rejected the credentials (check AWS_PROFILE / AWS_ACCESS_KEY_ID)")
+    if any(
+        s in probe
+        for s in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken")
+    ):
+        return PermissionError(
+            f"{uri}: S3 rejected the credentials ({code or 'invalid'}; check AWS_PROFILE / AWS_ACCESS_KEY_ID)"
+        )
     if "AccessDenied" in probe or isinstance(exc, PermissionError) or "Forbidden" in probe:
-        return PermissionError(f"{uri}: access denied")
+        # a HEAD carries no error code, so bad credentials and missing permission look alike
+        return PermissionError(
+            f"{uri}: access denied (wrong credentials or no permission; check AWS_PROFILE / AWS_ACCESS_KEY_ID)"
+        )
     if "NoCredentials" in probe or "Unable to locate credentials" in probe:
-        return PermissionError(f"{uri}: no AWS credentials found (set a profile or AWS_ACCESS_KEY_ID)")
-    if "ProfileNotFound" in probe or "could not be found" in probe and "profile" in probe:
-        return PermissionError(f"{uri}: AWS profile not found")
+        return PermissionError(
+            f"{uri}: no AWS credentials found (set a profile or AWS_ACCESS_KEY_ID)"
+        )
+    if "ProfileNotFound" in probe:
+        profile = _s3_settings["profile"] or os.environ.get("AWS_PROFILE")
+        return PermissionError(f"{uri}: AWS profile {profile!r} not found")
+    if "PreconditionFailed" in probe or "pre-conditions" in probe:
+        return OSError(f"{uri}: the object changed while it was being read")
     if isinstance(exc, FileNotFoundError) or "NoSuchKey" in probe or "404" in probe:
         return FileNotFoundError(f"{uri}: no such object")
     if any(s in probe for s in ("Connect", "EndpointConnectionError", "Cannot connect", "Timeout")):
@@ -151,7 +179,9 @@ class _LocalAtomicWriter(io.RawIOBase):
     def __init__(self, path: str):
         folder = os.path.dirname(path) or "."
         os.makedirs(folder, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
+        fd, self._tmp = tempfile.mkstemp(
+            prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder
+        )
         self._f = os.fdopen(fd, "wb")
         self._path = path
 
@@ -180,19 +210,29 @@ class _LocalAtomicWriter(io.RawIOBase):
         else:
             self.close()
 
+    def __del__(self):
+        self.abort()  # only an explicit close() publishes the file
+
 
 class _S3AtomicWriter(io.RawIOBase):
     """Multipart upload, one part at a time; an exception aborts it so no partial object appears."""
 
     def __init__(self, uri: str, block_size: int):
         self._uri = uri
-        self._f = _s3_call(uri, s3_filesystem().open, uri, "wb", block_size=max(block_size, 5 * 2**20))
+        self._f = _s3_call(
+            uri, s3_filesystem().open, uri, "wb", block_size=max(block_size, 5 * 2**20)
+        )
 
     def writable(self) -> bool:
         return True
 
     def write(self, b) -> int:
-        return _s3_call(self._uri, self._f.write, b)
+        # fsspec buffers whatever it is given; feeding it part-sized slices keeps that buffer
+        # (and so peak memory) at about one part however large `b` is
+        view = memoryview(b).cast("B")
+        for i in range(0, len(view), self._f.blocksize):
+            _s3_call(self._uri, self._f.write, view[i : i + self._f.blocksize])
+        return len(view)
 
     def abort(self) -> None:
         """Abort the multipart upload; an older object at the key stays as it was."""
@@ -218,8 +258,11 @@ class _S3AtomicWriter(io.RawIOBase):
         else:
             self.close()
 
+    def __del__(self):
+        self.abort()  # only an explicit close() publishes the file
 
-def open_stream(path: str, mode: str = "rb", *, block_size: int = BLOCK_SIZE, cache_type: str = "readahead"):
+
+def open_stream(path: str, mode: str = "rb", *, block_size: int = BLOCK_SIZE):
     """Open a local file or S3 object; reads are bounded ranged GETs, writes are atomic."""
     if mode not in ("rb", "wb"):
         raise ValueError(f"open_stream supports 'rb' and 'wb', not {mode!r} ({path})")
@@ -235,8 +278,10 @@ def open_stream(path: str, mode: str = "rb", *, block_size: int = BLOCK_SIZE, ca
             raise IsADirectoryError(f"is a folder, not a file: {p}") from None
     if mode == "wb":
         return _S3AtomicWriter(p, block_size)
-    fs = s3_filesystem()
-    return _s3_call(p, fs.open, p, "rb", block_size=block_size, cache_type=cache_type)
+    raw = _s3_call(p, s3_filesystem().open, p, "rb", cache_type="none")
+    # fsspec's own readline fetches a whole block per call; a BufferedReader makes lines
+    # cheap and turns each refill into one ranged GET of block_size bytes
+    return io.BufferedReader(raw, buffer_size=block_size)
 
 
 def file_size(path: str) -> int:
@@ -307,7 +352,7 @@ def write_bytes(data: bytes, path: str) -> None:
 
 def iter_records(path: str) -> Iterator[dict]:
     """Yield dicts from .jsonl / .jsonl.gz (streamed line by line) or .json (a top-level array)."""
-    kind, p = resolve(path)
+    _, p = resolve(path)
     name = p.lower()
     if name.endswith(".json"):
         data = read_bytes(p)
@@ -333,8 +378,10 @@ def iter_records(path: str) -> Iterator[dict]:
             while True:
                 try:
                     line = stream.readline()
-                except (OSError, EOFError) as exc:
-                    raise ValueError(f"{p}: line {lineno + 1}: corrupt compressed data ({exc})") from None
+                except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+                    raise ValueError(
+                        f"{p}: line {lineno + 1}: corrupt compressed data ({exc})"
+                    ) from None
                 if not line:
                     break
                 lineno += 1
@@ -345,7 +392,9 @@ def iter_records(path: str) -> Iterator[dict]:
                 except msgspec.DecodeError as exc:
                     raise ValueError(f"{p}: line {lineno}: malformed JSON ({exc})") from None
                 if not isinstance(rec, dict):
-                    raise ValueError(f"{p}: line {lineno}: expected a JSON object, got {type(rec).__name__}")
+                    raise ValueError(
+                        f"{p}: line {lineno}: expected a JSON object, got {type(rec).__name__}"
+                    )
                 yield rec
         finally:
             if stream is not raw:
@@ -373,6 +422,8 @@ DTYPES: dict[str, torch.dtype] = {
         "F64": "float64",
         "F8_E4M3": "float8_e4m3fn",
         "F8_E5M2": "float8_e5m2",
+        "F8_E4M3FNUZ": "float8_e4m3fnuz",
+        "F8_E5M2FNUZ": "float8_e5m2fnuz",
         "F8_E8M0": "float8_e8m0fnu",
         "C64": "complex64",
     }.items()
@@ -385,15 +436,17 @@ def read_safetensors_header(path: str, f=None) -> tuple[dict[str, dict], dict[st
     """Validated header: ({name: {dtype, shape, data_offsets}}, metadata, byte offset of data)."""
     own = f is None
     if own:
-        f = open_stream(path, cache_type="none")
+        f = open_stream(path, block_size=HEADER_PROBE)
     try:
-        size = file_size(path)
+        size = f.seek(0, os.SEEK_END)
         if size < 8:
             raise ValueError(f"{path}: not a safetensors file ({size} bytes)")
         f.seek(0)
         n = int.from_bytes(f.read(8), "little")
         if n > MAX_HEADER:
-            raise ValueError(f"{path}: safetensors header length {n} exceeds the {MAX_HEADER} byte cap")
+            raise ValueError(
+                f"{path}: safetensors header length {n} exceeds the {MAX_HEADER} byte cap"
+            )
         if 8 + n > size:
             raise ValueError(f"{path}: safetensors header length {n} exceeds the file size {size}")
         raw = f.read(n)
@@ -403,7 +456,9 @@ def read_safetensors_header(path: str, f=None) -> tuple[dict[str, dict], dict[st
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: safetensors header is not JSON ({exc.__class__.__name__})") from None
+        raise ValueError(
+            f"{path}: safetensors header is not JSON ({exc.__class__.__name__})"
+        ) from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -411,14 +466,18 @@ def read_safetensors_header(path: str, f=None) -> tuple[dict[str, dict], dict[st
     spans = []
     for name, info in header.items():
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise ValueError(f"{path}: tensor {name!r}: header entry needs dtype, shape, data_offsets")
+            raise ValueError(
+                f"{path}: tensor {name!r}: header entry needs dtype, shape, data_offsets"
+            )
         dtype = DTYPES.get(info["dtype"])
         if dtype is None:
             raise ValueError(f"{path}: tensor {name!r}: unknown dtype {info['dtype']!r}")
         shape, offs = info["shape"], info["data_offsets"]
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise ValueError(f"{path}: tensor {name!r}: bad shape {shape!r}")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
+        if not (
+            isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
+        ):
             raise ValueError(f"{path}: tensor {name!r}: bad data_offsets {offs!r}")
         begin, end = offs
         if not 0 <= begin <= end <= data_len:
@@ -432,7 +491,7 @@ def read_safetensors_header(path: str, f=None) -> tuple[dict[str, dict], dict[st
             )
         spans.append((begin, end, name))
     spans.sort()
-    for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+    for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise ValueError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data section")
     return header, metadata, 8 + n
@@ -443,7 +502,7 @@ def read_safetensors(
 ) -> dict[str, torch.Tensor]:
     """Read tensors straight into their own storage over bounded ranged reads (local or S3)."""
     kind, p = resolve(path)
-    with open_stream(p, cache_type="none") as f:
+    with open_stream(p, block_size=HEADER_PROBE) as f:
         header, _, data_start = read_safetensors_header(p, f)
         names = list(header) if keys is None else list(keys)
         missing = [k for k in names if k not in header]
@@ -468,38 +527,66 @@ def read_safetensors(
                         raise ValueError(f"{p}: file ended early (truncated)")
                     got += k
         else:
-            _s3_read_ranges(p, jobs)
+            _s3_read_ranges(p, jobs, f.raw.details.get("ETag"))
     result = {}
     for name, (buf, info) in out.items():
         dtype = DTYPES[info["dtype"]]
-        t = buf.view(dtype).reshape(info["shape"]) if buf.numel() else torch.empty(info["shape"], dtype=dtype)
+        t = (
+            buf.view(dtype).reshape(info["shape"])
+            if buf.numel()
+            else torch.empty(info["shape"], dtype=dtype)
+        )
         result[name] = t.to(device) if str(device) != "cpu" else t
     return result
 
 
-def _s3_read_ranges(uri: str, jobs: list[tuple[torch.Tensor, int, int]]) -> None:
-    """Fill each buffer with its byte range, BLOCK_SIZE at a time, MAX_IN_FLIGHT GETs at once."""
+def _s3_read_ranges(uri: str, jobs: list[tuple[torch.Tensor, int, int]], etag: str | None) -> None:
+    """Fill each buffer with its byte range: BLOCK_SIZE GETs, MAX_IN_FLIGHT at once, no copies."""
+    import asyncio
+
+    from fsspec.asyn import sync
+
     fs = s3_filesystem()
-    chunks = []
-    for buf, start, end in jobs:
-        view = memoryview(buf.numpy())
-        for off in range(start, end, BLOCK_SIZE):
-            chunks.append((view, off - start, off, min(off + BLOCK_SIZE, end)))
+    bucket, key, _ = fs.split_path(uri)
+    match = {"IfMatch": etag} if etag else {}  # an object replaced mid-read fails, never mixes
 
-    def fetch(chunk) -> None:
-        view, pos, a, b = chunk
-        data = _s3_call(uri, fs.cat_file, uri, start=a, end=b)
-        if len(data) != b - a:
-            raise ValueError(f"{uri}: short read at bytes {a}-{b} (object truncated?)")
-        view[pos : pos + len(data)] = data
+    async def fetch(view: memoryview, a: int, b: int, gate: asyncio.Semaphore) -> None:
+        async with gate:
+            resp = await fs._call_s3(
+                "get_object", Bucket=bucket, Key=key, Range=f"bytes={a}-{b - 1}", **match
+            )
+            body, got = resp["Body"], 0
+            try:
+                while got < b - a:  # the body streams straight into the tensor's storage
+                    k = await body.readinto(view[got:])
+                    if not k:
+                        raise ValueError(f"{uri}: short read at bytes {a}-{b} (object truncated?)")
+                    got += k
+            finally:
+                body.close()
 
-    with ThreadPoolExecutor(MAX_IN_FLIGHT) as pool:
-        # map() would queue every chunk at once; windows keep in-flight bytes bounded
-        for i in range(0, len(chunks), MAX_IN_FLIGHT):
-            list(pool.map(fetch, chunks[i : i + MAX_IN_FLIGHT]))
+    async def fetch_all() -> None:
+        gate = asyncio.Semaphore(MAX_IN_FLIGHT)
+        tasks = []
+        for buf, start, end in jobs:
+            view = memoryview(buf.numpy())
+            for off in range(start, end, BLOCK_SIZE):
+                stop = min(off + BLOCK_SIZE, end)
+                tasks.append(fetch(view[off - start : stop - start], off, stop, gate))
+        futures = [asyncio.ensure_future(t) for t in tasks]
+        try:
+            await asyncio.gather(*futures)
+        except BaseException:
+            for fut in futures:  # stop the other GETs writing into buffers we drop
+                fut.cancel()
+            raise
+
+    _s3_call(uri, sync, fs.loop, fetch_all)
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None
+) -> None:
     """Stream a safetensors file (header, then each tensor's bytes) to a local path or S3."""
     header: dict[str, Any] = {}
     if metadata:
@@ -509,9 +596,15 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dic
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{path}: value for {name!r} is a {type(t).__name__}, not a tensor")
         if t.dtype not in DTYPE_NAMES:
-            raise TypeError(f"{path}: tensor {name!r} has dtype {t.dtype} that safetensors cannot store")
+            raise TypeError(
+                f"{path}: tensor {name!r} has dtype {t.dtype} that safetensors cannot store"
+            )
         n = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        header[name] = {
+            "dtype": DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data section 8-byte aligned, as safetensors writes it
@@ -537,15 +630,24 @@ def _encode(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
         return {"__tensor__": prefix}
     if isinstance(obj, dict):
         if all(isinstance(k, str) for k in obj):
-            return {k: _encode(v, f"{prefix}.{k}" if prefix else k, tensors) for k, v in obj.items()}
-        return {"__items__": [[k, _encode(v, f"{prefix}.{k}" if prefix else str(k), tensors)] for k, v in obj.items()]}
+            return {
+                k: _encode(v, f"{prefix}.{k}" if prefix else k, tensors) for k, v in obj.items()
+            }
+        return {
+            "__items__": [
+                [k, _encode(v, f"{prefix}.{k}" if prefix else str(k), tensors)]
+                for k, v in obj.items()
+            ]
+        }
     if isinstance(obj, tuple):
         return {"__tuple__": [_encode(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]}
     if isinstance(obj, list):
         return [_encode(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
-    raise TypeError(f"checkpoint value at {prefix!r} is a {type(obj).__name__}; only tensors and JSON types")
+    raise TypeError(
+        f"checkpoint value at {prefix!r} is a {type(obj).__name__}; only tensors and JSON types"
+    )
 
 
 def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -566,18 +668,27 @@ def save_ckpt(state: dict, path: str) -> None:
     """Save a nested state dict: tensors to safetensors, the rest to a manifest written last."""
     tensors: dict[str, torch.Tensor] = {}
     tree = _encode(state, "", tensors)
+    manifest = join(path, MANIFEST)
+    if exists(manifest):
+        remove(manifest)  # overwriting: the folder reads as incomplete until the new one lands
     write_safetensors(tensors, join(path, TENSORS))
-    write_bytes(json.dumps({"format": "wmtp-ckpt/1", "state": tree}, indent=1).encode(), join(path, MANIFEST))
+    write_bytes(json.dumps({"format": "wmtp-ckpt/1", "state": tree}, indent=1).encode(), manifest)
 
 
 def load_ckpt(path: str) -> dict:
     """Load a checkpoint saved by `save_ckpt` (no pickle)."""
-    manifest_path = join(path, MANIFEST)
-    if not exists(manifest_path):
-        raise FileNotFoundError(f"{path}: incomplete checkpoint (no {MANIFEST})")
-    manifest = json.loads(read_bytes(manifest_path))
-    tensors = read_safetensors(join(path, TENSORS))
-    return _decode(manifest["state"], tensors)
+    manifest = join(path, MANIFEST)
+    try:
+        raw = read_bytes(manifest)
+    except FileNotFoundError as exc:
+        if "no such bucket" in str(exc):
+            raise
+        raise FileNotFoundError(f"{path}: incomplete checkpoint (no {MANIFEST})") from None
+    try:
+        tree = json.loads(raw)["state"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{manifest}: not a checkpoint manifest") from None
+    return _decode(tree, read_safetensors(join(path, TENSORS)))
 
 
 _STEP = re.compile(r"^step_(\d+)$")
