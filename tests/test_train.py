@@ -1,0 +1,240 @@
+"""End-to-end tests of both training stages: local and S3 paths, MLflow, checkpoints, exact resume, errors."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import torch
+
+import io_stream
+import train_critic
+import train_mtp
+from wmtp import load_config
+from wmtp_model import byte_tokenizer, init_mtp_model, save_model
+from wmtp_train import run_cli as run_trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# tiny model and data so that each run takes seconds on 2 cores
+TINY = [
+    "model.dim=32",
+    "model.n_layers=5",
+    "model.n_heads=4",
+    "model.n_attn_heads=2",
+    "model.n_kv_heads=1",
+    "model.max_seq_len=128",
+    "data.max_length=96",
+    "train.batch_size=2",
+    "train.log_every=1",
+    "train.warmup_steps=1",
+    "critic.batch_size=2",
+    "critic.max_steps=6",
+    "critic.eval_every=2",
+]
+
+
+def write_dataset(path: str, n: int = 12, labels: bool = True) -> None:
+    """A custom prompt/completion JSONL dataset, with 0/1 labels when asked."""
+    lines = []
+    for i in range(n):
+        rec = {"prompt": f"# task {i}: add {i}\n", "completion": f"def f(x):\n    return x + {i}\n"}
+        if labels:
+            rec["label"] = float(i % 2)
+        lines.append(json.dumps(rec))
+    io_stream.write_bytes(("\n".join(lines) + "\n").encode(), path)
+
+
+def make_config(where: str, tmp_path, *extra: str) -> list[str]:
+    """Overrides that put data, outputs and MLflow under `where` (a local folder or s3:// prefix)."""
+    data = io_stream.join(where, "data", "train.jsonl")
+    if not io_stream.exists(data):
+        write_dataset(data)
+    return [
+        *TINY,
+        f"paths.datasets={{toy: {data}}}",
+        "data.train=[toy]",
+        f"paths.checkpoints={io_stream.join(where, 'ckpt')}",
+        f"paths.value_head={io_stream.join(where, 'vh', 'value_head.safetensors')}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        f"mlflow.artifact_location={io_stream.join(where, 'mlartifacts')}",
+        *extra,
+    ]
+
+
+@pytest.fixture(autouse=True)
+def clean_mlflow(monkeypatch):
+    """Each test gets its own tracking URI; no run left active."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def write_reference(path: str, tokenizer=None, seed: int = 1) -> None:
+    """A tiny next-token model in the kit's HF-compatible layout (loadable as kind='causal')."""
+    model = init_mtp_model(vocab_size=259, dim=32, n_layers=3, n_heads=1, n_attn_heads=2, n_kv_heads=1, max_seq_len=128, seed=seed)
+    save_model(model, path, tokenizer or byte_tokenizer())
+
+
+def run_stage2(overrides, resume=None, stop_after=None):
+    return train_mtp.train(load_config(os.path.join(ROOT, "config.yaml"), overrides), resume, stop_after=stop_after)
+
+
+@pytest.mark.parametrize("algo", ["baseline", "critic", "rho1-weighted", "rho1-tokenskip"])
+def test_every_algo_trains_locally(algo, tmp_path):
+    base = str(tmp_path / "out")
+    extra = [f"train.algo={algo}", "train.max_steps=4", "train.save_every=2", "train.run_name=r"]
+    if algo == "critic":
+        cfg = load_config(os.path.join(ROOT, "config.yaml"), make_config(base, tmp_path))
+        res = train_critic.train_critic(cfg)
+        assert io_stream.exists(res["value_head"]) and all(math.isfinite(v) for v in res["losses"])
+    if algo.startswith("rho1"):
+        write_reference(str(tmp_path / "ref"))
+        extra.append(f"paths.models.ref={tmp_path / 'ref'}")
+    out = run_stage2(make_config(base, tmp_path, *extra))
+    assert len(out["losses"]) == 4 and all(math.isfinite(v) for v in out["losses"])
+    assert [os.path.basename(p) for p in io_stream.list_ckpts(out["run_dir"])] == ["step_2", "step_4"]
+    assert io_stream.exists(io_stream.join(out["run_dir"], "final", "config.json"))
+    run = mlflow.MlflowClient().get_run(out["run_id"])
+    assert "loss" in run.data.metrics and "ce_head3" in run.data.metrics
+    assert run.data.tags["checkpoint_latest"].endswith("step_4")
+    if algo != "baseline":
+        assert 0 < run.data.metrics["weight_kept"] <= 1
+    if algo == "rho1-tokenskip":
+        assert run.data.metrics["weight_kept"] == pytest.approx(0.7, abs=0.05)
+
+
+def test_loss_falls_on_a_repeated_batch(tmp_path):
+    data = str(tmp_path / "one.jsonl")
+    write_dataset(data, n=2)
+    overrides = make_config(str(tmp_path), tmp_path, f"paths.datasets={{toy: {data}}}", "train.max_steps=25", "train.lr=3e-3", "train.schedule=constant", "train.save_every=100")
+    losses = run_stage2(overrides)["losses"]
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_all_on_s3_with_stage1_handoff_through_s3_and_mlflow(s3, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", os.environ["AWS_ENDPOINT_URL"])
+    base_model = f"{s3}/models/base"
+    save_model(init_mtp_model(vocab_size=259, dim=32, n_layers=5, n_heads=4, n_attn_heads=2, n_kv_heads=1, max_seq_len=128, seed=3), base_model, byte_tokenizer())
+    write_reference(f"{s3}/models/ref")
+    common = make_config(s3, tmp_path, f"paths.models.base={base_model}")
+    res = train_critic.train_critic(load_config(os.path.join(ROOT, "config.yaml"), common))
+    assert res["value_head"].startswith("s3://") and io_stream.exists(res["value_head"])
+    version = mlflow.MlflowClient().get_model_version("wmtp_critic_value_head", res["version"])
+    assert version.run_id == res["run_id"]
+    art = mlflow.MlflowClient().get_run(res["run_id"]).info.artifact_uri
+    assert art.startswith(f"{s3}/mlartifacts") and io_stream.exists(f"{art}/value_head/value_head.safetensors")
+    for source in (res["value_head"], f"models:/wmtp_critic_value_head/{res['version']}", f"runs:/{res['run_id']}/value_head"):
+        out = run_stage2([*common, "train.algo=critic", "train.max_steps=2", "train.save_every=2", f"critic.value_head={source}"])
+        assert all(math.isfinite(v) for v in out["losses"])
+        assert out["run_dir"].startswith(f"{s3}/ckpt/critic-")
+        assert io_stream.latest_ckpt(out["run_dir"]).endswith("step_2")
+    out = run_stage2([*common, "train.algo=rho1-tokenskip", f"paths.models.ref={s3}/models/ref", "train.max_steps=2", "train.save_every=2"])
+    final_art = mlflow.MlflowClient().get_run(out["run_id"]).info.artifact_uri + "/model/config.json"
+    assert io_stream.exists(final_art)
+
+
+def test_resume_gives_the_same_losses(tmp_path):
+    overrides = make_config(str(tmp_path), tmp_path, "train.max_steps=6", "train.save_every=2", "train.keep_last=5", "train.algo=rho1-weighted", f"paths.models.ref={tmp_path / 'ref'}")
+    write_reference(str(tmp_path / "ref"))
+    full = run_stage2([*overrides, "train.run_name=full"])["losses"]
+    first = run_stage2([*overrides, "train.run_name=cut"], stop_after=4)
+    assert first["losses"] == full[:4]
+    # a crash mid-save leaves step_6 without a manifest: it must be skipped
+    os.makedirs(tmp_path / "ckpt" / "cut" / "step_6")
+    io_stream.save_ckpt({"x": torch.zeros(1)}, str(tmp_path / "ckpt" / "cut" / "step_6"))
+    os.unlink(tmp_path / "ckpt" / "cut" / "step_6" / "manifest.json")
+    second = run_stage2([*overrides, "train.run_name=cut"], resume="auto")
+    assert second["run_id"] == first["run_id"]
+    assert second["losses"] == full[4:]
+    history = [m.value for m in mlflow.MlflowClient().get_metric_history(first["run_id"], "loss")]
+    assert len(history) == 6
+
+
+def test_resume_auto_without_run_name_picks_the_newest_run(tmp_path):
+    overrides = make_config(str(tmp_path), tmp_path, "train.max_steps=4", "train.save_every=2")
+    first = run_stage2(overrides, stop_after=2)
+    second = run_stage2(overrides, resume="auto")
+    assert second["run_dir"] == first["run_dir"] and len(second["losses"]) == 2
+
+
+def run_script(args, cwd, env=None):
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_default_config_runs_with_no_cache(tmp_path):
+    """Both stages from the shipped config (tiny overrides), HOME/TMPDIR empty before and after."""
+    home, tmp, work = tmp_path / "home", tmp_path / "tmp", tmp_path / "work"
+    for d in (home, tmp, work):
+        d.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "HF_"))}
+    env.update(HOME=str(home), TMPDIR=str(tmp), PYTHONPATH=ROOT)
+    sets = [a for s in TINY for a in ("--set", s)]
+    cfg = os.path.join(ROOT, "config.yaml")
+    r = run_script([os.path.join(ROOT, "train_critic.py"), "--config", cfg, *sets], work, env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_script([os.path.join(ROOT, "train_mtp.py"), "--config", cfg, "--algo", "critic", *sets, "--set", "train.max_steps=3"], work, env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert os.listdir(home) == [] and os.listdir(tmp) == []
+    assert sorted(os.listdir(work)) == ["mlflow.db", "runs"]
+    assert sorted(os.listdir(work / "runs")) == ["checkpoints", "mlflow-artifacts", "value_head.safetensors"]
+
+
+def error_of(main, argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_trainer(main, argv)
+    err = capsys.readouterr().err.strip()
+    return exc.value.code, err
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["unknown_key", "legacy_key", "secret", "missing_model", "ref_other_tokenizer", "critic_no_labels", "s3_unreachable"],
+)
+def test_errors_are_one_line_and_write_nothing(case, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    cfg = tmp_path / "config.yaml"
+    text = open(os.path.join(ROOT, "config.yaml")).read()
+    overrides = make_config(str(tmp_path / "in"), tmp_path)
+    main, code = train_mtp.main, 1
+    args = []
+    if case == "unknown_key":
+        text += "\ntrian: {lr: 1}\n"
+        code = 2
+    elif case == "legacy_key":
+        text += "\ncache: .cache\n"
+        code = 2
+    elif case == "secret":
+        text = text.replace("  profile: null", "  profile: null\n  secret_access_key: hunter2hunter2")
+        code = 2
+    elif case == "missing_model":
+        overrides.append(f"paths.models.base={tmp_path / 'nope'}")
+    elif case == "ref_other_tokenizer":
+        from tiny_models import write_sentencepiece_tokenizer
+
+        write_reference(str(tmp_path / "ref"), tokenizer=write_sentencepiece_tokenizer(None))
+        overrides += ["train.algo=rho1-weighted", f"paths.models.ref={tmp_path / 'ref'}"]
+    elif case == "critic_no_labels":
+        write_dataset(str(tmp_path / "nolabels.jsonl"), labels=False)
+        overrides.append(f"paths.datasets={{toy: {tmp_path / 'nolabels.jsonl'}}}")
+        main = train_critic.main
+    elif case == "s3_unreachable":
+        from conftest import free_port
+
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+        overrides += [f"s3.endpoint_url=http://127.0.0.1:{free_port()}", "paths.models.base=s3://bucket/models/base"]
+    overrides = [o for o in overrides if not o.startswith(("paths.checkpoints", "mlflow.tracking_uri"))]
+    overrides += [f"paths.checkpoints={out}/ckpt", f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db"]
+    cfg.write_text(text)
+    for o in overrides:
+        args += ["--set", o]
+    got, err = error_of(main, ["--config", str(cfg), *args], capsys)
+    assert got == code, err
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "hunter2" not in err
+    assert not out.exists()

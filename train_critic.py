@@ -1,0 +1,214 @@
+"""Stage 1: train a value head on the frozen base model's hidden states from sequence rewards.
+
+    python train_critic.py [--config config.yaml] [--set key=value ...]
+    accelerate launch --config_file fsdp.yaml train_critic.py --config config.yaml
+
+Rewards come from the reward model (paths.models.rm) or, without one, from dataset labels
+(e.g. CodeContests correct/incorrect solutions). Value targets G_t = gamma^(T-t) * R on valid
+tokens, masked MSE, early stopping on a held-out split. The head is written to paths.value_head
+and logged to MLflow as an artifact and a registered model version.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm import tqdm
+
+import io_stream
+from wmtp import Config
+from wmtp_data import ValueHead, value_targets
+from wmtp_train import (
+    artifact_uri,
+    batch_rewards,
+    head0_hidden,
+    iter_batches,
+    iter_examples,
+    load_base,
+    load_side_model,
+    make_accelerator,
+    mlflow_start,
+    parse_args,
+    register_artifact,
+    run_cli,
+    run_name_for,
+    setup,
+)
+
+
+def masked_mse(values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the valid (mask = 1) tokens."""
+    return ((values - targets) ** 2 * mask).sum() / mask.sum().clamp(min=1)
+
+
+def explained_variance(values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(target - value) / Var(target) over valid tokens (1 = perfect, 0 = no better than the mean)."""
+    m = mask.bool()
+    t, v = targets[m].double(), values[m].double()
+    var = t.var(unbiased=False)
+    return float(1 - (t - v).var(unbiased=False) / var) if var > 0 else float("nan")
+
+
+def value_step(
+    model, head, batch: dict, rm, gamma: float, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, values, targets, mask) of the value head on one batch."""
+    ids = batch["input_ids"].to(device)
+    attn = batch["attention_mask"].to(device)
+    mask = batch["loss_mask"].to(device).float()
+    hidden = head0_hidden(model, ids, attn)
+    targets = value_targets(batch_rewards(batch, rm, device), mask, gamma)
+    values = head(hidden.float())
+    return masked_mse(values, targets, mask), values, targets, mask
+
+
+def evaluate(cfg: Config, model, head, tokenizer, rm, acc) -> dict[str, float] | None:
+    """Held-out value loss and explained variance; None when the held-out split is empty."""
+    c = cfg.critic
+    losses, ev, n = 0.0, 0.0, 0
+    head.eval()
+    with torch.no_grad():
+        for batch in iter_batches(
+            cfg,
+            tokenizer,
+            c.batch_size,
+            epoch=0,
+            rank=acc.process_index,
+            world=acc.num_processes,
+            part="heldout",
+            shuffle=False,
+        ):
+            loss, values, targets, mask = value_step(model, head, batch, rm, c.gamma, acc.device)
+            losses += loss.item()
+            ev += explained_variance(values, targets, mask)
+            n += 1
+    head.train()
+    if n == 0:
+        return None
+    return {"heldout_value_loss": losses / n, "heldout_explained_variance": ev / n}
+
+
+def train_critic(cfg: Config) -> dict:
+    """Run stage 1; returns {"value_head": path, "run_id", "version", "losses"}."""
+    c = cfg.critic
+    acc = make_accelerator(cfg)
+    torch.manual_seed(cfg.train.seed)
+    tokenizer, model = load_base(cfg)
+    model.eval().requires_grad_(False)
+    rm = (
+        load_side_model(cfg.paths.models.rm, "reward", tokenizer, "reward")
+        if cfg.paths.models.rm
+        else None
+    )
+    first = next(iter_examples(cfg, "train"), None)
+    if first is None:
+        raise ValueError(f"datasets {cfg.data.train}: no training examples")
+    if rm is None and first.label is None:
+        raise ValueError(
+            f"datasets {cfg.data.train}: examples have no labels and paths.models.rm is not set; "
+            "the value head needs rewards from one of them"
+        )
+    head = ValueHead(model.config.hidden_size)
+    opt = torch.optim.AdamW(head.parameters(), lr=c.lr)
+    model.to(acc.device)
+    if rm is not None:
+        rm.to(acc.device)
+    head, opt = acc.prepare(head, opt)
+
+    main = acc.is_main_process
+    run_name = run_name_for(acc, None, "critic")
+    run_id = None
+    if main:
+        import mlflow
+
+        run_id = mlflow_start(cfg, run_name).info.run_id
+        mlflow.set_tag("stage", "critic")
+    best, bad, step, epoch = math.inf, 0, 0, 0
+    best_state = None
+    losses: list[float] = []
+    bar = tqdm(total=c.max_steps, disable=not main, desc="critic", dynamic_ncols=True)
+    stop = False
+    while not stop and step < c.max_steps and epoch < cfg.train.epochs:
+        for batch in iter_batches(
+            cfg,
+            tokenizer,
+            c.batch_size,
+            epoch=epoch,
+            rank=acc.process_index,
+            world=acc.num_processes,
+            part="train",
+        ):
+            loss, values, targets, mask = value_step(model, head, batch, rm, c.gamma, acc.device)
+            acc.backward(loss)
+            grad_norm = acc.clip_grad_norm_(head.parameters(), cfg.train.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(value_loss=f"{loss.item():.4f}")
+            v = values.detach()[mask.bool()]
+            metrics = {
+                "value_loss": loss.item(),
+                "explained_variance": explained_variance(values.detach(), targets, mask),
+                "value_mean": v.mean().item(),
+                "value_std": v.std().item() if v.numel() > 1 else 0.0,
+                "grad_norm": float(grad_norm),
+            }
+            if step % c.eval_every == 0 or step == c.max_steps:
+                held = evaluate(cfg, model, head, tokenizer, rm, acc)
+                if held is not None:
+                    metrics.update(held)
+                    if held["heldout_value_loss"] < best - c.min_delta:
+                        best, bad = held["heldout_value_loss"], 0
+                        best_state = {
+                            k: t.detach().clone()
+                            for k, t in acc.unwrap_model(head).state_dict().items()
+                        }
+                    else:
+                        bad += 1
+                        stop = bad >= c.patience
+            if main and (step % cfg.train.log_every == 0 or stop or step == c.max_steps):
+                mlflow.log_metrics(metrics, step=step)
+            if stop or step >= c.max_steps:
+                break
+        else:
+            epoch += 1
+    bar.close()
+    state = best_state or acc.unwrap_model(head).state_dict()
+    version = None
+    acc.wait_for_everyone()
+    if main:
+        meta = {
+            "dim": str(model.config.hidden_size),
+            "gamma": str(c.gamma),
+            "mlflow_run_id": run_id,
+        }
+        io_stream.write_safetensors(state, cfg.paths.value_head, metadata=meta)
+        art = artifact_uri("value_head/value_head.safetensors")
+        if art is not None:
+            io_stream.write_safetensors(state, art, metadata=meta)
+            version = register_artifact(cfg.mlflow.value_head_model, run_id, "value_head")
+        mlflow.set_tags({"value_head": cfg.paths.value_head, "stopped_early": str(stop)})
+        mlflow.log_metrics(
+            {"best_heldout_value_loss": best if best < math.inf else float("nan")}, step=step
+        )
+        mlflow.end_run()
+    acc.wait_for_everyone()
+    return {
+        "value_head": cfg.paths.value_head,
+        "run_id": run_id,
+        "version": version,
+        "losses": losses,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point."""
+    args = parse_args(argv, __doc__.splitlines()[0], with_algo=False, with_resume=False)
+    train_critic(setup(args))
+
+
+if __name__ == "__main__":
+    run_cli(main)
