@@ -52,7 +52,12 @@ def _field(rec: dict, name: str, types: type | tuple[type, ...], where: str):
         raise ValueError(f"{where}: missing field {name!r}")
     value = rec[name]
     if not isinstance(value, types):
-        raise ValueError(f"{where}: field {name!r} is a {type(value).__name__}, expected {types}")
+        expected = " or ".join(
+            t.__name__ for t in (types if isinstance(types, tuple) else (types,))
+        )
+        raise ValueError(
+            f"{where}: field {name!r} is a {type(value).__name__}, expected {expected}"
+        )
     return value
 
 
@@ -303,10 +308,9 @@ class _FusedLinearCE(torch.autograd.Function):
             grad_z = torch.empty_like(z)
             for s in range(0, len(z), chunk):
                 zc, yc = z[s : s + chunk], y[s : s + chunk]
-                logits = (zc @ weight.t()).float()
-                lse = torch.logsumexp(logits, -1)
-                ce[s : s + chunk] = lse - logits.gather(1, yc[:, None]).squeeze(1)
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                g = torch.log_softmax((zc @ weight.t()).float(), dim=-1)
+                ce[s : s + chunk] = -g.gather(1, yc[:, None]).squeeze(1)
+                g.exp_()  # softmax
                 g[torch.arange(len(yc), device=g.device), yc] -= 1
                 g = g.mul_(w[s : s + chunk, None]).to(dtype)
                 grad_z[s : s + chunk] = g @ weight
@@ -342,7 +346,8 @@ def mtp_loss(
     *,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted MTP loss Σ w·m·CE / Σ w·m and each head's plain mean CE [H] (detached).
+    """Weighted MTP loss Σ w·m·CE / Σ w·m and each head's plain mean CE [H] (detached; nan for a
+    head without any target).
 
     `weights` is None (uniform), a [B,S,H] tensor, or a function called once with the detached
     per-slot CE [B,S,H] and head 0's final normed hidden state [B,S,D] that returns [B,S,H]
@@ -367,36 +372,48 @@ def _mtp_loss(model, input_ids, attention_mask, labels, weights, chunk_size):
     weight = model.lm_head.weight
     chunk = chunk_size or max(1, CHUNK_ELEMENTS // weight.shape[0])
     h, ctx = model.run_trunk(input_ids, attention_mask)
-    zs = [model.run_head(k, h, ctx) for k in range(H)]
+    zs = [model.run_head(k, h, ctx).flatten(0, 1) for k in range(H)]
+    y = labels.view(-1, H)
+    valid = y != IGNORE
+    ce = torch.zeros(B * S, H, dtype=torch.float32, device=labels.device)
 
-    valid = labels != IGNORE
-    rows = [
-        valid[..., k].flatten().nonzero().squeeze(1) for k in range(H)
-    ]  # only slots with a target
-    z_rows = [z.flatten(0, 1)[r] for z, r in zip(zs, rows)]
-    y_rows = [labels[..., k].flatten()[r] for k, r in enumerate(rows)]
-    if callable(weights):
-        ce = torch.zeros(B, S, H, dtype=torch.float32, device=labels.device)
+    def fill_ce(slots: torch.Tensor) -> None:
+        """CE-only pass (no gradients) over the [B*S, H] mask `slots`, written into ce."""
         for k in range(H):
-            ce.view(-1, H)[rows[k], k] = _linear_ce(
-                z_rows[k].detach(), weight.detach(), y_rows[k], chunk
-            )
-        weights = weights(ce, zs[0].detach())
-    w = valid.float() if weights is None else weights.detach().float()
-    if w.shape != labels.shape:
-        raise ValueError(f"weights have shape {tuple(w.shape)}, labels {tuple(labels.shape)}")
+            r = slots[:, k].nonzero().squeeze(1)
+            ce[r, k] = _linear_ce(zs[k][r].detach(), weight.detach(), y[r, k], chunk)
+
+    ce_known = callable(weights)
+    if ce_known:
+        fill_ce(valid)
+        weights = weights(ce.view(B, S, H), zs[0].detach().view(B, S, -1))
+    if weights is not None and weights.shape != labels.shape:
+        raise ValueError(f"weights have shape {tuple(weights.shape)}, labels {tuple(labels.shape)}")
+    w = valid.float() if weights is None else weights.detach().float().reshape(-1, H)
     if (w < 0).any():
         raise ValueError("weights must be >= 0")
     w = w.masked_fill(~valid, 0.0)
-    w_rows = [w.view(-1, H)[r, k] for k, r in enumerate(rows)]
 
-    if torch.is_grad_enabled() and (weight.requires_grad or any(z.requires_grad for z in z_rows)):
-        total, ce_rows = _FusedLinearCE.apply(y_rows, w_rows, chunk, weight, *z_rows)
+    live = w > 0  # slots with a target and a weight: the only ones that need gradients
+    if torch.is_grad_enabled() and (weight.requires_grad or any(z.requires_grad for z in zs)):
+        rows = [live[:, k].nonzero().squeeze(1) for k in range(H)]
+        total, ce_live = _FusedLinearCE.apply(
+            [y[r, k] for k, r in enumerate(rows)],
+            [w[r, k] for k, r in enumerate(rows)],
+            chunk,
+            weight,
+            *(z[r] for z, r in zip(zs, rows)),
+        )
+        if not ce_known:  # zero-weight slots still count in the per-head CE
+            for k, (r, c) in enumerate(zip(rows, ce_live.split([len(r) for r in rows]))):
+                ce[r, k] = c
+            fill_ce(valid & ~live)
     else:
-        ce_rows = torch.cat([_linear_ce(z, weight, y, chunk) for z, y in zip(z_rows, y_rows)])
-        total = (torch.cat(w_rows) * ce_rows).sum()
+        if not ce_known:
+            fill_ce(valid)
+        total = (w * ce).sum()
     loss = total / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
-    head_ce = torch.stack([c.mean() for c in ce_rows.split([len(r) for r in rows])])
+    head_ce = ce.sum(0) / valid.sum(0)
     return loss, head_ce
 
 

@@ -108,13 +108,14 @@ def test_mtp_loss_equals_naive(model, batch, kind, chunk_size):
     assert not head_ce.requires_grad
 
 
-def test_weight_function_gets_ce_and_head0_hidden(model, batch):
+@pytest.mark.parametrize("mode", ["weighted", "skip"])
+def test_weight_function_gets_ce_and_head0_hidden(model, batch, mode):
     ids, attention_mask, labels = batch
     seen = {}
 
     def weights(ce, hidden):
         seen.update(ce=ce, hidden=hidden)
-        return rho1_weights(ce - 5.0, labels, temperature=0.5)
+        return rho1_weights(ce - 5.0, labels, mode=mode, temperature=0.5)
 
     loss, _ = mtp_loss(model, ids, labels, weights, attention_mask, chunk_size=11)
     got = grads(model, loss)
@@ -125,9 +126,8 @@ def test_weight_function_gets_ce_and_head0_hidden(model, batch):
         torch.testing.assert_close(
             model.lm_head(seen["hidden"]), model(ids, attention_mask)[:, :, 0]
         )
-    expected = naive_loss(
-        model, ids, attention_mask, labels, rho1_weights(ce - 5.0, labels, temperature=0.5)
-    )
+    expected_weights = rho1_weights(ce - 5.0, labels, mode=mode, temperature=0.5)
+    expected = naive_loss(model, ids, attention_mask, labels, expected_weights)
     torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=0)
     assert_same_grads(got, grads(model, expected))
 
