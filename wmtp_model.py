@@ -8,6 +8,7 @@ RMSNorm and the unembedding. Head k at position t predicts token t+k+1.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 
@@ -42,9 +43,8 @@ class MTPModel(nn.Module):
                 f"{config.num_hidden_layers} and {n_heads}"
             )
         config._attn_implementation = config._attn_implementation or "sdpa"
-        self.config = (
-            config  # num_hidden_layers = n_trunk + 1: the next-token view (trunk + head 0)
-        )
+        # num_hidden_layers = n_trunk + 1: the HF next-token view (trunk + head 0)
+        self.config = config
         self.n_heads = n_heads
         n_trunk = config.num_hidden_layers - 1
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -334,12 +334,8 @@ SAMPLE_CODE = (
 
 def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
     """True when vocab size, special ids and the ids of a fixed code sample all agree."""
-    return (a.vocab_size, a.bos_id, a.eos_id, a.pad_id) == (
-        b.vocab_size,
-        b.bos_id,
-        b.eos_id,
-        b.pad_id,
-    ) and a.encode(SAMPLE_CODE) == b.encode(SAMPLE_CODE)
+    ids = [(t.vocab_size, t.bos_id, t.eos_id, t.pad_id, t.encode(SAMPLE_CODE)) for t in (a, b)]
+    return ids[0] == ids[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,18 +355,16 @@ class RewardModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Rewards [B], float32, at each row's rightmost token with attention_mask 1 (either padding side)."""
-        hidden = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state
+        """Rewards [B], float32, at each row's rightmost token with attention_mask 1."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         batch, seq = input_ids.shape
+        positions = torch.arange(seq, device=input_ids.device)
         if attention_mask is None:
-            last = torch.full((batch,), seq - 1, device=input_ids.device)
-        else:
-            last = (torch.arange(seq, device=input_ids.device) * attention_mask.long()).argmax(-1)
-        return (
-            self.score(hidden[torch.arange(batch, device=hidden.device), last]).squeeze(-1).float()
-        )
+            last = positions[-1].expand(batch)
+        else:  # rightmost attended position, so left and right padding both work
+            last = (positions * attention_mask.long()).argmax(-1)
+        hidden = out.last_hidden_state[torch.arange(batch, device=input_ids.device), last]
+        return self.score(hidden).squeeze(-1).float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,6 +487,37 @@ def load_model(
     return _load_reward(path, dtype=dtype, device=device)
 
 
+class _S3Ranges(io.RawIOBase):
+    """Seekable S3 object whose readinto is filled by parallel ranged GETs straight into the
+    caller's buffer: torch.load reads each tensor record with one readinto."""
+
+    def __init__(self, uri: str):
+        self.uri, self.pos = uri, 0
+        info = io_stream._s3_call(uri, io_stream.s3_filesystem().info, uri)
+        self.size, self.etag = int(info["size"]), info.get("ETag")
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
+        return self.pos
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), self.size - self.pos))
+        if n:
+            view = torch.frombuffer(memoryview(b).cast("B")[:n], dtype=torch.uint8)
+            io_stream._s3_read_ranges(self.uri, [(view, self.pos, self.pos + n)], self.etag)
+            self.pos += n
+        return n
+
+
 def _load_pth(path: str) -> dict[str, torch.Tensor]:
     """A weights-only .pth state dict: memory-mapped when local, from a seekable stream on S3."""
     kind, p = io_stream.resolve(path)
@@ -500,7 +525,8 @@ def _load_pth(path: str) -> dict[str, torch.Tensor]:
         if kind == "local":
             sd = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
         else:
-            with io_stream.open_stream(p) as f:
+            # small reads (zip headers) come from the 1 MiB buffer; records bypass it
+            with io.BufferedReader(_S3Ranges(p), buffer_size=2**20) as f:
                 sd = torch.load(f, map_location="cpu", weights_only=True)
     except OSError:
         raise
