@@ -2,6 +2,7 @@
 
 import json
 import math
+import tempfile
 
 import pytest
 import torch
@@ -170,6 +171,25 @@ def test_meta_native_sharded_from_s3_equals_local(tmp_path, s3):
     truth = meta_reference_logits(written, params | {"norm_eps": 1e-5, "rope_theta": 10000.0}, IDS)
     torch.testing.assert_close(model(IDS).double(), truth, rtol=1e-4, atol=1e-4)
     assert same_tokenizer(load_tokenizer(s3 + "/meta"), byte_tokenizer())
+
+
+def test_loading_from_s3_makes_no_temp_files(s3, monkeypatch):
+    write_meta_native(s3 + "/meta", H=2, shards=2)
+    write_hf_llama(s3 + "/hf")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the loader made a temp file")
+
+    for name in (
+        "mkstemp",
+        "mkdtemp",
+        "NamedTemporaryFile",
+        "TemporaryFile",
+        "SpooledTemporaryFile",
+    ):
+        monkeypatch.setattr(tempfile, name, refuse)
+    assert load_model(s3 + "/meta").n_heads == 2
+    assert load_model(s3 + "/hf", n_heads=2).n_heads == 2
 
 
 def test_dtype_argument_casts_while_loading(tmp_path):
