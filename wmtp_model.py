@@ -150,9 +150,7 @@ def init_mtp_model(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> MTPModel:
-    """A randomly initialised MTP model; n_layers counts all blocks as Meta's params.json does
-    (n_trunk = n_layers - n_heads trunk blocks plus n_heads head blocks); ffn_dim defaults to
-    Meta's formula with multiple_of=256."""
+    """Random MTPModel; n_layers counts trunk + head blocks as Meta's params.json does (n_trunk = n_layers - n_heads)."""
     if n_layers < n_heads:
         raise ValueError(
             f"n_layers {n_layers} counts trunk + head blocks, so it must be >= n_heads {n_heads}"
@@ -163,7 +161,7 @@ def init_mtp_model(
         n_blocks=n_layers - n_heads + 1,
         n_attn_heads=n_attn_heads,
         n_kv_heads=n_kv_heads,
-        ffn_dim=ffn_dim or ffn_width(dim),
+        ffn_dim=ffn_dim or ffn_width(dim),  # Meta's formula, multiple_of=256
         max_seq_len=max_seq_len,
         rope_theta=rope_theta,
         norm_eps=norm_eps,
@@ -264,8 +262,7 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str | None) -> Tokenizer:
-    """tokenizer.model (SentencePiece) or tokenizer.json from a folder or file, local or S3;
-    None gives byte_tokenizer(). A folder with both uses tokenizer.model."""
+    """tokenizer.model (preferred) or tokenizer.json from a folder or file, local or S3; None: bytes."""
     if path is None:
         return byte_tokenizer()
     _, p = io_stream.resolve(path)
@@ -488,8 +485,7 @@ def load_model(
 
 
 class _S3Ranges(io.RawIOBase):
-    """Seekable S3 object whose readinto is filled by parallel ranged GETs straight into the
-    caller's buffer: torch.load reads each tensor record with one readinto."""
+    """Seekable S3 object; readinto fills the caller's buffer by parallel ranged GETs."""
 
     def __init__(self, uri: str):
         self.uri, self.pos = uri, 0
@@ -525,7 +521,8 @@ def _load_pth(path: str) -> dict[str, torch.Tensor]:
         if kind == "local":
             sd = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
         else:
-            # small reads (zip headers) come from the 1 MiB buffer; records bypass it
+            # torch.load reads each tensor record with one big readinto, which bypasses the
+            # buffer and is filled by parallel GETs; the small zip-header reads hit the buffer
             with io.BufferedReader(_S3Ranges(p), buffer_size=2**20) as f:
                 sd = torch.load(f, map_location="cpu", weights_only=True)
     except OSError:
@@ -827,8 +824,7 @@ def _load_reward(path: str, *, dtype, device: torch.device) -> RewardModel:
 
 
 def save_model(model: MTPModel, path: str, tokenizer: Tokenizer | None = None) -> None:
-    """Write the kit's format: an HF Llama folder (trunk + head 0) that AutoModelForCausalLM loads,
-    plus heads 1..H-1 in mtp_heads.safetensors and the tokenizer's files; mtp.json goes last."""
+    """Write the kit's format: HF Llama folder (trunk + head 0), extra heads, tokenizer, mtp.json last."""
     _, path = io_stream.resolve(path)
     marker = io_stream.join(path, MTP_JSON)
     if io_stream.exists(marker):  # an interrupted overwrite must not look complete
