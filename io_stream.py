@@ -7,6 +7,7 @@ No model code lives here. Every other module reads and writes through these func
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import json
@@ -16,16 +17,18 @@ import re
 import tempfile
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlparse
 
 import msgspec
 import torch
 
-BLOCK_SIZE = 8 * 2**20  # bytes per ranged GET / multipart part
+BLOCK_SIZE = 8 * 2**20  # bytes per ranged GET
+PART_SIZE = 16 * 2**20  # bytes per multipart part (up to 160 GB in S3's 10,000 parts)
 MAX_IN_FLIGHT = 8  # concurrent ranged GETs in read_safetensors
 MAX_HEADER = 100 * 2**20  # safetensors header size cap
+MIN_PART = 5 * 2**20  # S3's smallest multipart part (all but the last)
 HEADER_PROBE = 64 * 2**10  # first GET of a safetensors file: the length and most headers
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
@@ -78,10 +81,8 @@ def configure_s3(
     _s3_fs.clear()
 
 
-def s3_filesystem():
-    """The s3fs filesystem for the current settings (one instance per setting)."""
-    import s3fs
-
+def s3_options() -> dict:
+    """s3fs.S3FileSystem arguments for the current settings (config section, then AWS environment)."""
     endpoint = (
         _s3_settings["endpoint_url"]
         or os.environ.get("AWS_ENDPOINT_URL_S3")
@@ -92,22 +93,27 @@ def s3_filesystem():
         or os.environ.get("AWS_REGION")
         or os.environ.get("AWS_DEFAULT_REGION")
     )
-    profile = _s3_settings["profile"] or os.environ.get("AWS_PROFILE")
-    key = (endpoint, region, profile, os.getpid())
+    return {
+        "endpoint_url": endpoint,
+        "profile": _s3_settings["profile"] or os.environ.get("AWS_PROFILE"),
+        "client_kwargs": {"region_name": region} if region else {},
+        "config_kwargs": {
+            "connect_timeout": 10,
+            "retries": {"max_attempts": 3, "mode": "standard"},
+        },
+        "use_listings_cache": False,
+    }
+
+
+def s3_filesystem():
+    """The s3fs filesystem for the current settings (one instance per setting and process)."""
+    import s3fs
+
+    opts = s3_options()
+    key = (opts["endpoint_url"], opts["profile"], str(opts["client_kwargs"]), os.getpid())
     with _s3_lock:
         if key not in _s3_fs:
-            client_kwargs = {"region_name": region} if region else {}
-            _s3_fs[key] = s3fs.S3FileSystem(
-                endpoint_url=endpoint,
-                profile=profile,
-                client_kwargs=client_kwargs,
-                config_kwargs={
-                    "connect_timeout": 10,
-                    "retries": {"max_attempts": 3, "mode": "standard"},
-                },
-                skip_instance_cache=True,
-                use_listings_cache=False,
-            )
+            _s3_fs[key] = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
         return _s3_fs[key]
 
 
@@ -215,42 +221,79 @@ class _LocalAtomicWriter(io.RawIOBase):
 
 
 class _S3AtomicWriter(io.RawIOBase):
-    """Multipart upload, one part at a time; an exception aborts it so no partial object appears."""
+    """Multipart upload, one part at a time; an error or a missing close() aborts it all."""
 
-    def __init__(self, uri: str, block_size: int):
+    def __init__(self, uri: str, part_size: int):
         self._uri = uri
-        self._f = _s3_call(
-            uri, s3_filesystem().open, uri, "wb", block_size=max(block_size, 5 * 2**20)
-        )
+        self._fs = s3_filesystem()
+        bucket, key, _ = self._fs.split_path(uri)
+        self._where = {"Bucket": bucket, "Key": key}
+        self._part_size = max(part_size, MIN_PART)
+        self._part = io.BytesIO()
+        self._upload_id: str | None = None
+        self._parts: list[dict] = []  # {"PartNumber", "ETag"} of every uploaded part
 
     def writable(self) -> bool:
         return True
 
     def write(self, b) -> int:
-        # fsspec buffers whatever it is given; feeding it part-sized slices keeps that buffer
-        # (and so peak memory) at about one part however large `b` is
         view = memoryview(b).cast("B")
-        for i in range(0, len(view), self._f.blocksize):
-            _s3_call(self._uri, self._f.write, view[i : i + self._f.blocksize])
-        return len(view)
+        n = len(view)
+        while view:
+            take = self._part_size - self._part.tell()
+            self._part.write(view[:take])
+            view = view[take:]
+            if self._part.tell() == self._part_size:
+                self._send_part()
+        return n
+
+    def _call(self, method: str, **kwargs) -> dict:
+        return _s3_call(self._uri, self._fs.call_s3, method, **self._where, **kwargs)
+
+    def _body(self) -> io.BytesIO:
+        # a file-like body goes to the socket in small chunks; a bytes body would be copied
+        # whole into the transport's buffer, a third part in memory
+        body, self._part = self._part, io.BytesIO()
+        body.seek(0)
+        return body
+
+    def _send_part(self) -> None:
+        if self._upload_id is None:
+            self._upload_id = self._call("create_multipart_upload")["UploadId"]
+        number = len(self._parts) + 1
+        out = self._call(
+            "upload_part", UploadId=self._upload_id, PartNumber=number, Body=self._body()
+        )
+        self._parts.append({"PartNumber": number, "ETag": out["ETag"]})
 
     def abort(self) -> None:
-        """Abort the multipart upload; an older object at the key stays as it was."""
-        if not self.closed:
-            try:
-                self._f.discard()
-            finally:
-                self._f.closed = True  # keep fsspec's __del__ from flushing the dropped buffer
-                super().close()
+        """Drop the upload; an older object at the key stays as it was."""
+        if self.closed:
+            return
+        super().close()
+        self._part = io.BytesIO()
+        if self._upload_id is not None:
+            self._call("abort_multipart_upload", UploadId=self._upload_id)
 
     def close(self) -> None:
-        if not self.closed:
-            try:
-                _s3_call(self._uri, self._f.close)
-            except BaseException:
-                self.abort()
-                raise
-            super().close()
+        """Publish the object: it appears now, whole, or not at all."""
+        if self.closed:
+            return
+        try:
+            if self._upload_id is None:  # smaller than one part: a single PUT
+                self._call("put_object", Body=self._body())
+            else:
+                if self._part.tell():
+                    self._send_part()
+                self._call(
+                    "complete_multipart_upload",
+                    UploadId=self._upload_id,
+                    MultipartUpload={"Parts": self._parts},
+                )
+        except BaseException:
+            self.abort()
+            raise
+        super().close()
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
@@ -259,11 +302,15 @@ class _S3AtomicWriter(io.RawIOBase):
             self.close()
 
     def __del__(self):
-        self.abort()  # only an explicit close() publishes the file
+        self.abort()  # only an explicit close() publishes the object
 
 
-def open_stream(path: str, mode: str = "rb", *, block_size: int = BLOCK_SIZE):
-    """Open a local file or S3 object; reads are bounded ranged GETs, writes are atomic."""
+def open_stream(path: str, mode: str = "rb", *, block_size: int | None = None):
+    """Open a local file or S3 object; reads are bounded ranged GETs, writes are atomic.
+
+    On S3, block_size is the size of each ranged GET (default BLOCK_SIZE) or of each multipart
+    part (default PART_SIZE, at least 5 MiB).
+    """
     if mode not in ("rb", "wb"):
         raise ValueError(f"open_stream supports 'rb' and 'wb', not {mode!r} ({path})")
     kind, p = resolve(path)
@@ -277,11 +324,11 @@ def open_stream(path: str, mode: str = "rb", *, block_size: int = BLOCK_SIZE):
         except IsADirectoryError:
             raise IsADirectoryError(f"is a folder, not a file: {p}") from None
     if mode == "wb":
-        return _S3AtomicWriter(p, block_size)
+        return _S3AtomicWriter(p, block_size or PART_SIZE)
     raw = _s3_call(p, s3_filesystem().open, p, "rb", cache_type="none")
     # fsspec's own readline fetches a whole block per call; a BufferedReader makes lines
     # cheap and turns each refill into one ranged GET of block_size bytes
-    return io.BufferedReader(raw, buffer_size=block_size)
+    return io.BufferedReader(raw, buffer_size=block_size or BLOCK_SIZE)
 
 
 def file_size(path: str) -> int:
@@ -542,8 +589,6 @@ def read_safetensors(
 
 def _s3_read_ranges(uri: str, jobs: list[tuple[torch.Tensor, int, int]], etag: str | None) -> None:
     """Fill each buffer with its byte range: BLOCK_SIZE GETs, MAX_IN_FLIGHT at once, no copies."""
-    import asyncio
-
     from fsspec.asyn import sync
 
     fs = s3_filesystem()
@@ -664,14 +709,17 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def save_ckpt(state: dict, path: str) -> None:
-    """Save a nested state dict: tensors to safetensors, the rest to a manifest written last."""
+def save_ckpt(state: dict, path: str, *, before_manifest: Callable[[], None] | None = None) -> None:
+    """Save a nested state dict: tensors to safetensors, the rest to a manifest written last
+    (`before_manifest` runs just before it, e.g. a barrier until every rank wrote its shards)."""
     tensors: dict[str, torch.Tensor] = {}
     tree = _encode(state, "", tensors)
     manifest = join(path, MANIFEST)
     if exists(manifest):
         remove(manifest)  # overwriting: the folder reads as incomplete until the new one lands
     write_safetensors(tensors, join(path, TENSORS))
+    if before_manifest is not None:
+        before_manifest()
     write_bytes(json.dumps({"format": "wmtp-ckpt/1", "state": tree}, indent=1).encode(), manifest)
 
 

@@ -20,13 +20,15 @@ import io_stream
 from wmtp import Config
 from wmtp_data import ValueHead, value_targets
 from wmtp_train import (
+    all_reduce_grads,
     artifact_uri,
     batch_rewards,
     head0_hidden,
+    is_sharded,
     iter_batches,
     iter_examples,
     load_base,
-    load_side_model,
+    load_frozen,
     make_accelerator,
     mlflow_start,
     parse_args,
@@ -94,13 +96,16 @@ def train_critic(cfg: Config) -> dict:
     c = cfg.critic
     acc = make_accelerator(cfg)
     torch.manual_seed(cfg.train.seed)
-    tokenizer, model = load_base(cfg)
+    tokenizer, model = load_base(cfg, acc)
     model.eval().requires_grad_(False)
-    rm = (
-        load_side_model(cfg.paths.models.rm, "reward", tokenizer, "reward")
-        if cfg.paths.models.rm
-        else None
-    )
+    model = (
+        acc.prepare_model(model) if is_sharded(acc) else model.to(acc.device)
+    )  # frozen; sharded under FSDP
+    rm = None
+    if cfg.paths.models.rm:
+        rm = load_frozen(
+            acc, cfg.paths.models.rm, "reward", tokenizer, "reward", cfg.train.shard_frozen_over_gib
+        )
     first = next(iter_examples(cfg, "train"), None)
     if first is None:
         raise ValueError(f"datasets {cfg.data.train}: no training examples")
@@ -109,12 +114,9 @@ def train_critic(cfg: Config) -> dict:
             f"datasets {cfg.data.train}: examples have no labels and paths.models.rm is not set; "
             "the value head needs rewards from one of them"
         )
-    head = ValueHead(model.config.hidden_size)
+    # the head is small: replicated on every rank, its gradients averaged by hand
+    head = ValueHead(acc.unwrap_model(model).config.hidden_size).to(acc.device)
     opt = torch.optim.AdamW(head.parameters(), lr=c.lr)
-    model.to(acc.device)
-    if rm is not None:
-        rm.to(acc.device)
-    head, opt = acc.prepare(head, opt)
 
     main = acc.is_main_process
     run_name = run_name_for(acc, None, "critic")
@@ -140,8 +142,9 @@ def train_critic(cfg: Config) -> dict:
             part="train",
         ):
             loss, values, targets, mask = value_step(model, head, batch, rm, c.gamma, acc.device)
-            acc.backward(loss)
-            grad_norm = acc.clip_grad_norm_(head.parameters(), cfg.train.grad_clip)
+            loss.backward()
+            all_reduce_grads(acc, head)
+            grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.train.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -162,10 +165,7 @@ def train_critic(cfg: Config) -> dict:
                     metrics.update(held)
                     if held["heldout_value_loss"] < best - c.min_delta:
                         best, bad = held["heldout_value_loss"], 0
-                        best_state = {
-                            k: t.detach().clone()
-                            for k, t in acc.unwrap_model(head).state_dict().items()
-                        }
+                        best_state = {k: t.detach().clone() for k, t in head.state_dict().items()}
                     else:
                         bad += 1
                         stop = bad >= c.patience
@@ -176,7 +176,7 @@ def train_critic(cfg: Config) -> dict:
         else:
             epoch += 1
     bar.close()
-    state = best_state or acc.unwrap_model(head).state_dict()
+    state = best_state or head.state_dict()
     version = None
     acc.wait_for_everyone()
     if main:

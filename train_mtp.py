@@ -27,24 +27,27 @@ from wmtp_data import (
 from wmtp_model import save_model
 from wmtp_train import (
     Throughput,
+    all_reduce_grads,
     artifact_uri,
     batch_rewards,
     config_dict,
     find_resume,
+    full_model_on_rank0,
     iter_batches,
     load_base,
-    load_side_model,
+    load_frozen,
+    load_train_state,
     lr_lambda,
     make_accelerator,
     mlflow_start,
     parse_args,
     prune_ckpts,
     resolve_mlflow_uri,
-    rng_state,
     run_cli,
     run_name_for,
-    set_rng_state,
+    save_train_state,
     setup,
+    shared_value,
 )
 
 
@@ -60,70 +63,108 @@ def load_value_head(cfg: Config, dim: int) -> ValueHead:
             src = io_stream.join(src, "value_head.safetensors")
     head = ValueHead(dim)
     state = io_stream.read_safetensors(src)
-    missing = set(head.state_dict()) ^ set(state)
-    if missing:
-        raise ValueError(f"{src}: not a value head for dim {dim} (keys differ: {sorted(missing)})")
+    differ = set(head.state_dict()) ^ set(state)
+    if differ:
+        raise ValueError(f"{src}: not a value head for dim {dim} (keys differ: {sorted(differ)})")
     head.load_state_dict(state)
     return head
 
 
+def make_weight_fn(
+    cfg: Config, labels: torch.Tensor, ref_ce, value_head, train_value: bool, stash: dict
+):
+    """The per-algo weight function handed to mtp_loss (called once with CE and head-0's hidden)."""
+    algo = cfg.train.algo
+    if algo == "baseline":
+        return None
+
+    def weights(ce: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        if algo == "critic":
+            c = cfg.critic
+            with torch.set_grad_enabled(train_value):
+                stash["values"] = value_head(hidden)
+            w = critic_weights(
+                stash["values"].detach(),
+                labels,
+                discount=c.discount,
+                temperature=c.temperature,
+                normalize=c.normalize,
+                eps=c.eps,
+                max_weight=c.max_weight,
+            )
+        else:
+            r = cfg.rho1
+            w = rho1_weights(
+                rho1_excess(ce, ref_ce),
+                labels,
+                mode="skip" if algo == "rho1-tokenskip" else "weighted",
+                temperature=r.temperature,
+                keep_ratio=r.keep_ratio,
+                normalize=r.normalize,
+                eps=r.eps,
+                max_weight=r.max_weight,
+            )
+        stash["weights"] = w
+        return w
+
+    return weights
+
+
 def train(cfg: Config, resume: str | None = None, *, stop_after: int | None = None) -> dict:
-    """Run stage 2; returns {"run_dir", "run_id", "losses": [per optimizer step]}."""
+    """Run stage 2; returns {"run_dir", "run_id", "losses": [rank 0's loss per optimizer step]}."""
     t = cfg.train
     algo = t.algo
     acc = make_accelerator(cfg, t.grad_accum)
-    ckpt_path = find_resume(resume, cfg.paths.checkpoints, t.run_name, algo)
-    state = io_stream.load_ckpt(ckpt_path) if ckpt_path else None
-    if state is not None and state["config"]["train"]["algo"] != algo:
-        raise ValueError(
-            f"{ckpt_path}: checkpoint is from algo {state['config']['train']['algo']!r}, not {algo!r}"
-        )
+    ckpt_path = shared_value(
+        acc, lambda: find_resume(resume, cfg.paths.checkpoints, t.run_name, algo)
+    )
 
     torch.manual_seed(t.seed)
-    tokenizer, model = load_base(cfg)
+    tokenizer, model = load_base(cfg, acc)
     H = model.n_heads
     ref = rm = value_head = None
     if algo.startswith("rho1"):
         if not cfg.paths.models.ref:
             raise ValueError(f"--algo {algo} needs paths.models.ref (the reference model)")
-        ref = load_side_model(cfg.paths.models.ref, "causal", tokenizer, "reference").to(acc.device)
+        ref = load_frozen(
+            acc, cfg.paths.models.ref, "causal", tokenizer, "reference", t.shard_frozen_over_gib
+        )
     if algo == "critic":
-        value_head = load_value_head(cfg, model.config.hidden_size)
+        value_head = load_value_head(cfg, model.config.hidden_size).to(acc.device)
         if cfg.critic.value_coef > 0 and cfg.paths.models.rm:
-            rm = load_side_model(cfg.paths.models.rm, "reward", tokenizer, "reward").to(acc.device)
+            rm = load_frozen(
+                acc, cfg.paths.models.rm, "reward", tokenizer, "reward", t.shard_frozen_over_gib
+            )
     train_value = value_head is not None and cfg.critic.value_coef > 0
+    value_opt = None
     if value_head is not None:
         value_head.requires_grad_(train_value)
+        if train_value:  # small and replicated: its own optimizer, gradients averaged by hand
+            value_opt = torch.optim.AdamW(
+                value_head.parameters(), lr=cfg.critic.value_lr, weight_decay=0.0
+            )
 
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": t.lr}]
-    if train_value:
-        groups.append(
-            {
-                "params": list(value_head.parameters()),
-                "lr": cfg.critic.value_lr,
-                "weight_decay": 0.0,
-            }
-        )
-    opt = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    model = acc.prepare_model(model)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
+    )
+    opt = acc.prepare_optimizer(opt)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(t.warmup_steps, t.max_steps, t.schedule)
     )
-    if state is not None:
-        model.load_state_dict(state["model"])
-    if train_value:
-        model, value_head, opt = acc.prepare(model, value_head, opt)
-    else:
-        model, opt = acc.prepare(model, opt)
-        if value_head is not None:
-            value_head.to(acc.device)
-    step, epoch, done_in_epoch = 0, 0, 0
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
+    step, epoch, examples_done = 0, 0, 0
+    state = None
+    if ckpt_path:
+        state = load_train_state(acc, ckpt_path, model, opt)
+        if state["config"]["train"]["algo"] != algo:
+            raise ValueError(
+                f"{ckpt_path}: checkpoint is from algo {state['config']['train']['algo']!r}, not {algo!r}"
+            )
         sched.load_state_dict(state["scheduler"])
         if train_value:
-            acc.unwrap_model(value_head).load_state_dict(state["value_head"])
-        step, epoch, done_in_epoch = state["step"], state["epoch"], state["batches_done"]
-        set_rng_state(state["rng"])
+            value_head.load_state_dict(state["value_head"])
+            value_opt.load_state_dict(state["value_optimizer"])
+        step, epoch, examples_done = state["step"], state["epoch"], state["examples_done"]
     run_name = state["run_name"] if state else run_name_for(acc, t.run_name, algo)
     run_dir = io_stream.join(cfg.paths.checkpoints, run_name)
 
@@ -134,53 +175,15 @@ def train(cfg: Config, resume: str | None = None, *, stop_after: int | None = No
         import mlflow
 
         run_id = mlflow_start(cfg, run_name, run_id).info.run_id
-        mlflow.set_tags({"algo": algo, "run_dir": run_dir})
+        mlflow.set_tags({"algo": algo, "run_dir": run_dir, "world_size": acc.num_processes})
+    run_id = shared_value(acc, lambda: run_id)
     losses: list[float] = []
-    bar = tqdm(
-        total=t.max_steps, initial=step, disable=not main, desc=f"{algo}", dynamic_ncols=True
-    )
+    bar = tqdm(total=t.max_steps, initial=step, disable=not main, desc=algo, dynamic_ncols=True)
     speed = Throughput()
     model.train()
     stash: dict = {}
     window: dict[str, list[float]] = {}
-
-    def weights_for(labels: torch.Tensor, ref_ce: torch.Tensor | None):
-        """The per-algo weight function handed to mtp_loss (called once with CE and head-0 hidden)."""
-        if algo == "baseline":
-            return None
-
-        def fn(ce: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-            if algo == "critic":
-                with torch.set_grad_enabled(train_value):
-                    values = value_head(hidden.float())
-                stash["values"] = values
-                c = cfg.critic
-                w = critic_weights(
-                    values.detach(),
-                    labels,
-                    discount=c.discount,
-                    temperature=c.temperature,
-                    normalize=c.normalize,
-                    eps=c.eps,
-                    max_weight=c.max_weight,
-                )
-            else:
-                r = cfg.rho1
-                mode = "skip" if algo == "rho1-tokenskip" else "weighted"
-                w = rho1_weights(
-                    rho1_excess(ce, ref_ce),
-                    labels,
-                    mode=mode,
-                    temperature=r.temperature,
-                    keep_ratio=r.keep_ratio,
-                    normalize=r.normalize,
-                    eps=r.eps,
-                    max_weight=r.max_weight,
-                )
-            stash["weights"] = w
-            return w
-
-        return fn
+    per_step = t.batch_size * acc.num_processes  # examples consumed per micro-step, all ranks
 
     while step < t.max_steps and epoch < t.epochs:
         batches = iter_batches(
@@ -190,12 +193,13 @@ def train(cfg: Config, resume: str | None = None, *, stop_after: int | None = No
             epoch=epoch,
             rank=acc.process_index,
             world=acc.num_processes,
-            skip=done_in_epoch,
+            skip_examples=examples_done,
         )
         for batch in batches:
             ids = batch["input_ids"].to(acc.device)
             attn = batch["attention_mask"].to(acc.device)
-            labels = mtp_targets(ids, batch["loss_mask"].to(acc.device), H)
+            loss_mask = batch["loss_mask"].to(acc.device)
+            labels = mtp_targets(ids, loss_mask, H)
             with acc.accumulate(model):
                 ref_ce = None
                 if ref is not None:
@@ -203,31 +207,31 @@ def train(cfg: Config, resume: str | None = None, *, stop_after: int | None = No
                         ref_ce = next_token_ce(
                             ref(input_ids=ids, attention_mask=attn).logits.float(), ids
                         )
+                weights = make_weight_fn(cfg, labels, ref_ce, value_head, train_value, stash)
                 with acc.autocast():
                     loss, head_ce = mtp_loss(
-                        model, ids, labels, weights=weights_for(labels, ref_ce), attention_mask=attn
+                        model, ids, labels, weights=weights, attention_mask=attn
                     )
-                total = loss
+                acc.backward(loss)
                 if train_value:
-                    mask = batch["loss_mask"].to(acc.device).float()
+                    mask = loss_mask.float()
                     target = value_targets(
                         batch_rewards(batch, rm, acc.device), mask, cfg.critic.gamma
                     )
-                    vloss = (
-                        (stash["values"].float() - target) ** 2 * mask
-                    ).sum() / mask.sum().clamp(min=1)
-                    total = loss + cfg.critic.value_coef * vloss
+                    vloss = ((stash.pop("values") - target) ** 2 * mask).sum() / mask.sum().clamp(
+                        min=1
+                    )
+                    (cfg.critic.value_coef * vloss / t.grad_accum).backward()
                     window.setdefault("value_loss", []).append(vloss.item())
-                acc.backward(total)
                 grad_norm = None
                 if acc.sync_gradients:
-                    params = [p for g in opt.param_groups for p in g["params"]]
-                    grad_norm = acc.clip_grad_norm_(params, t.grad_clip)
+                    grad_norm = acc.clip_grad_norm_(model.parameters(), t.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            done_in_epoch += 1
+            examples_done += per_step
             speed.add(int(attn.sum()) * acc.num_processes)
             window.setdefault("loss", []).append(loss.item())
+            window.setdefault("examples_cut", []).append(batch["n_cut"])
             for k in range(H):
                 window.setdefault(f"ce_head{k}", []).append(head_ce[k].item())
             if "weights" in stash:
@@ -235,18 +239,25 @@ def train(cfg: Config, resume: str | None = None, *, stop_after: int | None = No
                     window.setdefault(f"weight_{k}", []).append(v)
             if not acc.sync_gradients:
                 continue
+            if train_value:
+                all_reduce_grads(acc, value_head)
+                torch.nn.utils.clip_grad_norm_(value_head.parameters(), t.grad_clip)
+                value_opt.step()
+                value_opt.zero_grad(set_to_none=True)
             sched.step()
             step += 1
-            step_loss = sum(window["loss"][-t.grad_accum :]) / min(
-                t.grad_accum, len(window["loss"])
-            )
-            losses.append(step_loss)
+            recent = window["loss"][-t.grad_accum :]
+            losses.append(sum(recent) / len(recent))
             if grad_norm is not None:
                 window.setdefault("grad_norm", []).append(float(grad_norm))
             bar.update(1)
             if step % t.log_every == 0 or step == t.max_steps:
-                metrics = {k: sum(v) / len(v) for k, v in window.items()}
-                metrics.update(lr=sched.get_last_lr()[0], tokens_per_s=speed.rate())
+                metrics = {k: sum(v) / len(v) for k, v in window.items() if k != "examples_cut"}
+                metrics.update(
+                    lr=sched.get_last_lr()[0],
+                    tokens_per_s=speed.rate(),
+                    examples_cut=sum(window["examples_cut"]),
+                )
                 window.clear()
                 bar.set_postfix(
                     loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}"
@@ -254,20 +265,26 @@ def train(cfg: Config, resume: str | None = None, *, stop_after: int | None = No
                 if main:
                     mlflow.log_metrics(metrics, step=step)
             if step % t.save_every == 0 or step == t.max_steps:
-                save_checkpoint(
-                    acc,
-                    cfg,
-                    run_dir,
-                    step,
-                    epoch,
-                    done_in_epoch,
-                    model,
-                    opt,
-                    sched,
-                    value_head if train_value else None,
-                    run_id,
-                    run_name,
-                )
+                path = io_stream.join(run_dir, f"step_{step}")
+                extra = {
+                    "scheduler": sched.state_dict(),
+                    "step": step,
+                    "epoch": epoch,
+                    "examples_done": examples_done,
+                    "config": config_dict(cfg),
+                    "mlflow_run_id": run_id,
+                    "run_name": run_name,
+                    "saved_at": time.time(),
+                }
+                if train_value:
+                    extra |= {
+                        "value_head": value_head.state_dict(),
+                        "value_optimizer": value_opt.state_dict(),
+                    }
+                save_train_state(acc, path, model, opt, extra)
+                if main:
+                    prune_ckpts(run_dir, t.keep_last)
+                    mlflow.set_tags({"checkpoint_latest": path, f"checkpoint_step_{step}": path})
             if stop_after is not None and step >= stop_after:
                 bar.close()
                 if main:
@@ -277,57 +294,24 @@ def train(cfg: Config, resume: str | None = None, *, stop_after: int | None = No
                 break
         else:
             epoch += 1
-            done_in_epoch = 0
+            examples_done = 0
     bar.close()
     final = io_stream.join(run_dir, "final")
-    acc.wait_for_everyone()
+    full = full_model_on_rank0(acc, model)
     if main:
-        unwrapped = acc.unwrap_model(model)
-        save_model(unwrapped, final, tokenizer)
+        save_model(full, final, tokenizer)
         mlflow.set_tag("final_model", final)
         art = artifact_uri("model")
         if art is not None:
-            save_model(unwrapped, art, tokenizer)
+            save_model(full, art, tokenizer)
         if train_value:
             io_stream.write_safetensors(
-                acc.unwrap_model(value_head).state_dict(),
-                io_stream.join(run_dir, "value_head.safetensors"),
+                value_head.state_dict(), io_stream.join(run_dir, "value_head.safetensors")
             )
         mlflow.log_metrics({"final_loss": losses[-1] if losses else float("nan")}, step=step)
         mlflow.end_run()
     acc.wait_for_everyone()
     return {"run_dir": run_dir, "run_id": run_id, "losses": losses}
-
-
-def save_checkpoint(
-    acc, cfg, run_dir, step, epoch, done_in_epoch, model, opt, sched, value_head, run_id, run_name
-) -> str:
-    """Write step_<N> (manifest last), record it in MLflow, keep the last train.keep_last."""
-    path = io_stream.join(run_dir, f"step_{step}")
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        state = {
-            "model": acc.unwrap_model(model).state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "step": step,
-            "epoch": epoch,
-            "batches_done": done_in_epoch,
-            "rng": rng_state(),
-            "config": config_dict(cfg),
-            "mlflow_run_id": run_id,
-            "run_name": run_name,
-            "saved_at": time.time(),
-        }
-        if value_head is not None:
-            state["value_head"] = acc.unwrap_model(value_head).state_dict()
-        io_stream.save_ckpt(state, path)
-        prune_ckpts(run_dir, cfg.train.keep_last)
-        import mlflow
-
-        mlflow.set_tags({"checkpoint_latest": path, f"checkpoint_step_{step}": path})
-    acc.wait_for_everyone()
-    return path
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -87,6 +87,7 @@ class Train(_Strict):
     seed: int = 42
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     run_name: str | None = None
+    shard_frozen_over_gib: float = 4.0
 
 
 class Critic(_Strict):
@@ -245,7 +246,9 @@ def load_config(
         _apply_override(raw, item)
         _check_keys(raw, Config, "", f"--set {item}")
     try:
-        cfg = msgspec.convert(raw, Config)
+        cfg = msgspec.convert(
+            raw, Config, strict=False
+        )  # lets YAML 1.1 strings like 1e-5 be floats
     except msgspec.ValidationError as exc:
         msg = str(exc)
         m = re.search(r"- at `\$\.?(.*)`", msg)

@@ -458,8 +458,12 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     n_heads: int | None = None,
+    meta_weights: bool = False,
 ) -> nn.Module:
     """Load a model folder (local or S3), its format detected from the files present.
+
+    meta_weights=True builds the same model with its parameters on the meta device and reads no
+    weights: for ranks that receive rank 0's weights (FSDP cpu_ram_efficient_loading).
 
     kind="mtp": an MTPModel from Meta native, the kit's own format, or a plain HF Llama with
     n_heads=H (heads 1..H-1 start as copies of its last block). kind="causal": an
@@ -476,12 +480,26 @@ def load_model(
             raise ValueError(
                 f"{path}: a Meta native checkpoint loads only as kind='mtp', not {kind!r}"
             )
-        return _load_meta(path, n_heads=n_heads, dtype=dtype, device=device)
+        return _load_meta(
+            path, n_heads=n_heads, dtype=dtype, device=device, meta_weights=meta_weights
+        )
+    if meta_weights:
+        device = torch.device("meta")
     if kind == "mtp":
         return _load_llama_mtp(path, kit=fmt == "kit", n_heads=n_heads, dtype=dtype, device=device)
     if kind == "causal":
         return _load_causal(path, dtype=dtype, device=device)
     return _load_reward(path, dtype=dtype, device=device)
+
+
+def weights_nbytes(path: str) -> int:
+    """Bytes of an HF folder's safetensors weights, from the headers alone."""
+    _, path = io_stream.resolve(path)
+    total = 0
+    for file in {f for f, _ in _weight_headers(path).values()}:
+        header, _, _ = io_stream.read_safetensors_header(file)
+        total += sum(e - b for b, e in (info["data_offsets"] for info in header.values()))
+    return total
 
 
 class _S3Ranges(io.RawIOBase):
@@ -594,7 +612,9 @@ def _permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _load_meta(path: str, *, n_heads: int | None, dtype, device: torch.device) -> MTPModel:
+def _load_meta(
+    path: str, *, n_heads: int | None, dtype, device: torch.device, meta_weights: bool = False
+) -> MTPModel:
     """MTPModel from params.json + consolidated.NN.pth (several files: model-parallel shards)."""
     params_path = io_stream.join(path, "params.json")
     params = _read_json(params_path)
@@ -610,7 +630,9 @@ def _load_meta(path: str, *, n_heads: int | None, dtype, device: torch.device) -
         (n for n in io_stream.list_dir(path) if PTH.fullmatch(n)),
         key=lambda n: int(PTH.fullmatch(n)[1]),
     )
-    sd = _merge_shards([_load_pth(io_stream.join(path, f)) for f in files], files)
+    if meta_weights and (params.get("vocab_size") or -1) > 0:
+        files = []  # shapes come from params.json; the weights arrive from rank 0
+    sd = _merge_shards([_load_pth(io_stream.join(path, f)) for f in files], files) if files else {}
     sd.pop(
         "rope.freqs", None
     )  # Llama checkpoints carry a rotary table; it is recomputed from rope_theta
@@ -647,6 +669,8 @@ def _load_meta(path: str, *, n_heads: int | None, dtype, device: torch.device) -
         raise ValueError(f"{params_path}: {exc}") from None
     with init_empty_weights():
         model = MTPModel(config, H)
+    if meta_weights and not files:
+        return model
     names, shapes = _meta_names(n_layers - H, H), _shapes(model)
     _check_keys(path, {k: shapes[v] for k, v in names.items()}, {k: t.shape for k, t in sd.items()})
     tensors = {}
@@ -658,7 +682,7 @@ def _load_meta(path: str, *, n_heads: int | None, dtype, device: torch.device) -
             t = _permute_rotary(t, n_kv_heads)
         tensors[names[key]] = t
     model.load_state_dict(tensors, strict=True, assign=True)
-    return model.to(device)
+    return model if device.type == "meta" else model.to(device)
 
 
 def _hf_config(path: str):
@@ -714,6 +738,8 @@ def _read_tensors(
     for file_key, model_key in names.items():
         by_file.setdefault(headers[file_key][0], []).append((file_key, model_key))
     out = {}
+    if device.type == "meta":  # meta_weights: shapes only, no bytes read
+        return {m: torch.empty(headers[f][1], dtype=dtype, device="meta") for f, m in names.items()}
     for file, pairs in by_file.items():
         got = io_stream.read_safetensors(file, keys=[k for k, _ in pairs])
         for file_key, model_key in pairs:
@@ -767,7 +793,7 @@ def _load_llama_mtp(
         for key in extra_heads:
             tensors[key] = tensors["heads.0." + key.split(".", 2)[2]].clone()
     model.load_state_dict(tensors, strict=True, assign=True)
-    return model.to(device)
+    return model if device.type == "meta" else model.to(device)
 
 
 def _load_causal(path: str, *, dtype, device: torch.device) -> nn.Module:
@@ -785,7 +811,7 @@ def _load_causal(path: str, *, dtype, device: torch.device) -> nn.Module:
     model.load_state_dict(tensors, strict=True, assign=True)
     if tied:
         model.tie_weights()
-    return model.to(device)
+    return model if device.type == "meta" else model.to(device)
 
 
 def _load_reward(path: str, *, dtype, device: torch.device) -> RewardModel:
@@ -816,7 +842,7 @@ def _load_reward(path: str, *, dtype, device: torch.device) -> RewardModel:
     found = {k: s for k, (_, s) in headers.items() if k not in ignored}
     _check_keys(path, {k: shapes[v] for k, v in names.items()}, found)
     model.load_state_dict(_read_tensors(headers, names, dtype, device), strict=True, assign=True)
-    return model.to(device)
+    return model if device.type == "meta" else model.to(device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,14 @@ import torch
 import io_stream
 from wmtp import Config, ConfigError, config_params, load_config
 from wmtp_data import Example, collate, encode, iter_dataset
-from wmtp_model import byte_tokenizer, init_mtp_model, load_model, load_tokenizer, same_tokenizer
+from wmtp_model import (
+    byte_tokenizer,
+    init_mtp_model,
+    load_model,
+    load_tokenizer,
+    same_tokenizer,
+    weights_nbytes,
+)
 
 # ---------------------------------------------------------------------------------------------
 # CLI
@@ -89,8 +96,14 @@ def make_accelerator(cfg: Config, grad_accum: int = 1):
 # Models
 
 
-def load_base(cfg: Config):
-    """(tokenizer, MTP model): from paths.models.base, or a random model + byte tokenizer."""
+def rank0_reads_weights(acc) -> bool:
+    """True when FSDP's cpu_ram_efficient_loading broadcasts rank 0's weights to the other ranks."""
+    return is_sharded(acc) and bool(acc.state.fsdp_plugin.cpu_ram_efficient_loading)
+
+
+def load_base(cfg: Config, acc):
+    """(tokenizer, MTP model): from paths.models.base, or a random model + byte tokenizer.
+    Under FSDP with cpu_ram_efficient_loading only rank 0 reads the weights."""
     if cfg.paths.models.base is None:
         m = cfg.model
         tok = byte_tokenizer()
@@ -110,19 +123,26 @@ def load_base(cfg: Config):
         )
         return tok, model
     path = cfg.paths.models.base
-    return load_tokenizer(path), load_model(path, kind="mtp", n_heads=cfg.model.n_heads)
+    meta = rank0_reads_weights(acc) and not acc.is_main_process
+    return load_tokenizer(path), load_model(
+        path, kind="mtp", n_heads=cfg.model.n_heads, meta_weights=meta
+    )
 
 
-def load_side_model(path: str, kind: str, tokenizer, role: str):
-    """A frozen reference or reward model whose tokenizer must match the base's."""
+def load_frozen(acc, path: str, kind: str, tokenizer, role: str, shard_over_gib: float):
+    """A frozen reference/reward model on the training device. Its tokenizer must match the base's.
+    Under FSDP it is sharded like the base when its weights exceed `shard_over_gib` GiB (then only
+    rank 0 reads them), else every rank holds a full copy."""
     other = load_tokenizer(path)
     if not same_tokenizer(tokenizer, other):
         raise ValueError(
             f"{path}: the {role} model's tokenizer differs from the base model's; its tokens would not line up"
         )
-    model = load_model(path, kind=kind)
+    shard = is_sharded(acc) and weights_nbytes(path) > shard_over_gib * 2**30
+    meta = shard and rank0_reads_weights(acc) and not acc.is_main_process
+    model = load_model(path, kind=kind, meta_weights=meta)
     model.eval().requires_grad_(False)
-    return model
+    return acc.prepare_model(model) if shard else model.to(acc.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,24 +186,25 @@ def iter_batches(
     epoch: int,
     rank: int = 0,
     world: int = 1,
-    skip: int = 0,
+    skip_examples: int = 0,
     part: str = "all",
     shuffle: bool | None = None,
 ) -> Iterator[dict]:
-    """Collated batches for this rank: every rank gets different examples and the same batch count."""
+    """Collated batches for this rank: every rank gets different examples and the same batch count.
+
+    The shuffled stream is the same for any world size; each group of batch_size x world examples
+    is split between the ranks, and `skip_examples` skips the start of the stream (resume)."""
     examples = iter_examples(cfg, part)
     if cfg.data.shuffle if shuffle is None else shuffle:
         examples = _shuffled(examples, random.Random(f"{cfg.train.seed}/{epoch}"), SHUFFLE_BUFFER)
+    for _ in zip(range(skip_examples), examples):
+        pass
     group = []
-    n = 0
     for ex in examples:
         group.append(ex)
         if len(group) < batch_size * world:
             continue
         mine, group = group[rank * batch_size : (rank + 1) * batch_size], []
-        n += 1
-        if n <= skip:
-            continue
         encoded = [
             encode(tokenizer, e, cfg.data.max_length, prompt_loss=cfg.data.prompt_loss)
             for e in mine
@@ -205,6 +226,29 @@ def batch_rewards(batch: dict, rm, device) -> torch.Tensor:
             "the data has no labels and paths.models.rm is not set: no rewards for the value head"
         )
     return batch["label"].to(device)
+
+
+def shared_value(acc, compute: Callable):
+    """compute() on rank 0, the same value on every rank."""
+    if acc.num_processes == 1:
+        return compute()
+    from accelerate.utils import broadcast_object_list
+
+    box = [compute() if acc.is_main_process else None]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def all_reduce_grads(acc, module: torch.nn.Module) -> None:
+    """Average a replicated module's gradients over the ranks (for the small value head)."""
+    if acc.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= acc.num_processes
 
 
 def head0_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -311,7 +355,7 @@ def register_artifact(name: str, run_id: str, subpath: str) -> str:
 
 
 def rng_state() -> dict:
-    """Every RNG a training step might touch."""
+    """Every RNG a training step might touch, on this process."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
@@ -324,6 +368,130 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def is_sharded(acc) -> bool:
+    """True when the model is FSDP-sharded (checkpoints then go through torch.distributed.checkpoint)."""
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.FSDP
+
+
+def _crash_hook(step: int, rank: int) -> None:
+    """Test hook: WMTP_TEST_CRASH=STEP:RANK makes that rank die mid-checkpoint, before the manifest."""
+    spec = os.environ.get("WMTP_TEST_CRASH")
+    if spec and spec == f"{step}:{rank}":
+        raise RuntimeError(f"WMTP_TEST_CRASH: rank {rank} stops while saving step {step}")
+
+
+def save_train_state(acc, path: str, model, opt, state: dict) -> None:
+    """Write a checkpoint: model + optimizer (DCP shards under FSDP, else rank 0 alone), then
+    `state` and the manifest by rank 0 once every rank has written its part."""
+    from accelerate.utils import gather_object
+
+    state = {**state, "rng": gather_object([rng_state()]), "world_size": acc.num_processes}
+    step = state["step"]
+    if is_sharded(acc):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(model, opt)
+        dcp.save(
+            {"model": msd, "optim": osd["state"]},
+            storage_writer=dcp_writer(io_stream.join(path, "dcp")),
+        )
+        state["optimizer_param_groups"] = osd["param_groups"]
+    else:
+        state["model"] = acc.unwrap_model(model).state_dict()
+        state["optimizer"] = opt.state_dict()
+    _crash_hook(step, acc.process_index)
+    if acc.is_main_process:
+        io_stream.save_ckpt(state, path, before_manifest=acc.wait_for_everyone)
+    else:
+        acc.wait_for_everyone()
+    acc.wait_for_everyone()
+
+
+def load_train_state(acc, path: str, model, opt) -> dict:
+    """Restore model and optimizer in place from a checkpoint (either layout); returns the rest."""
+    state = io_stream.load_ckpt(path)
+    if "optimizer_param_groups" in state:
+        if not is_sharded(acc):
+            raise ValueError(
+                f"{path}: a sharded (FSDP) checkpoint; resume it under accelerate launch --config_file fsdp.yaml"
+            )
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        msd, osd = get_state_dict(model, opt)
+        shards = {"model": msd, "optim": osd["state"]}
+        dcp.load(shards, storage_reader=dcp_reader(io_stream.join(path, "dcp")))
+        set_state_dict(
+            model,
+            opt,
+            model_state_dict=shards["model"],
+            optim_state_dict={
+                "state": shards["optim"],
+                "param_groups": state["optimizer_param_groups"],
+            },
+        )
+    else:
+        if "model" not in state:
+            raise ValueError(f"{path}: no model state in this checkpoint")
+        if is_sharded(acc):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            opts = StateDictOptions(full_state_dict=True)
+            set_state_dict(
+                model,
+                opt,
+                model_state_dict=state["model"],
+                optim_state_dict=state["optimizer"],
+                options=opts,
+            )
+        else:
+            acc.unwrap_model(model).load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+    rngs = state.get("rng") or []
+    if len(rngs) == acc.num_processes:
+        set_rng_state(rngs[acc.process_index])
+    return state
+
+
+def dcp_writer(path: str):
+    """A torch.distributed.checkpoint writer for a local folder or S3 prefix (no fsync on S3)."""
+    from torch.distributed.checkpoint import FileSystemWriter, FsspecWriter
+
+    kind, p = io_stream.resolve(path)
+    if kind == "local":
+        return FileSystemWriter(p)
+    return FsspecWriter(p, sync_files=False, **io_stream.s3_options())
+
+
+def dcp_reader(path: str):
+    """A torch.distributed.checkpoint reader for a local folder or S3 prefix."""
+    from torch.distributed.checkpoint import FileSystemReader, FsspecReader
+
+    kind, p = io_stream.resolve(path)
+    return FileSystemReader(p) if kind == "local" else FsspecReader(p, **io_stream.s3_options())
+
+
+def full_model_on_rank0(acc, model):
+    """The whole model on CPU on rank 0 (gathered from FSDP shards when sharded), None elsewhere."""
+    unwrapped = acc.unwrap_model(model)
+    if not is_sharded(acc):
+        return unwrapped if acc.is_main_process else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if not acc.is_main_process:
+        return None
+    with torch.device("meta"):
+        full = type(unwrapped)(unwrapped.config, unwrapped.n_heads)
+    full.load_state_dict(sd, assign=True)
+    return full
 
 
 def prune_ckpts(root: str, keep_last: int) -> None:
