@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.utils.checkpoint import checkpoint
 
 import io_stream
 
@@ -345,6 +347,7 @@ def mtp_loss(
     attention_mask: torch.Tensor | None = None,
     *,
     chunk_size: int | None = None,
+    checkpoint_heads: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted MTP loss Σ w·m·CE / Σ w·m and each head's plain mean CE [H] (detached; nan for a
     head without any target).
@@ -354,25 +357,37 @@ def mtp_loss(
     (rho1 and critic weights; this costs one extra CE-only projection pass). The trunk runs
     once and the heads one after another; the vocabulary projection and fp32 cross-entropy go
     in chunks of `chunk_size` rows, so [B,S,H,V] logits never exist, forward or backward.
+    With `checkpoint_heads` each head block is recomputed in backward, so that only one head's
+    activations are alive at a time (one extra head-block forward per head).
     """
 
     def loss_fn(model, input_ids, attention_mask):
-        return _mtp_loss(model, input_ids, attention_mask, labels, weights, chunk_size)
+        return _mtp_loss(
+            model, input_ids, attention_mask, labels, weights, chunk_size, checkpoint_heads
+        )
 
     return model(input_ids, attention_mask, fn=loss_fn)
 
 
-def _mtp_loss(model, input_ids, attention_mask, labels, weights, chunk_size):
+def _mtp_loss(model, input_ids, attention_mask, labels, weights, chunk_size, checkpoint_heads):
     """Body of `mtp_loss`, run inside the model's forward so that FSDP has its root weights gathered."""
     B, S, H = labels.shape
     if (B, S) != tuple(input_ids.shape) or H != model.n_heads:
         raise ValueError(
             f"labels {tuple(labels.shape)} do not fit input_ids {tuple(input_ids.shape)} and {model.n_heads} heads"
         )
+    h, ctx = model.run_trunk(input_ids, attention_mask)
+    if checkpoint_heads and torch.is_grad_enabled():
+        zs = [checkpoint(model.run_head, k, h, ctx, use_reentrant=False) for k in range(H)]
+    else:
+        zs = [model.run_head(k, h, ctx) for k in range(H)]
+    # lm_head's forward never runs (its weight is used directly): when FSDP2 shards it in its own
+    # group, gather it now; read the weight only afterwards, as FSDP swaps in the gathered tensor
+    if isinstance(model.lm_head, FSDPModule):
+        model.lm_head.unshard()
     weight = model.lm_head.weight
     chunk = chunk_size or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    h, ctx = model.run_trunk(input_ids, attention_mask)
-    zs = [model.run_head(k, h, ctx).flatten(0, 1) for k in range(H)]
+    zs = [z.flatten(0, 1) for z in zs]
     y = labels.view(-1, H)
     valid = y != IGNORE
     ce = torch.zeros(B * S, H, dtype=torch.float32, device=labels.device)

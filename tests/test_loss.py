@@ -88,16 +88,24 @@ def slot_weights(kind: str) -> torch.Tensor | None:
     return w * (torch.rand(B, S, H, generator=g) < 0.2) if kind == "zero-heavy" else w
 
 
-@pytest.mark.parametrize("chunk_size", [None, 7])
+@pytest.mark.parametrize(("chunk_size", "checkpoint_heads"), [(None, True), (7, True), (7, False)])
 @pytest.mark.parametrize("kind", ["uniform", "random", "zero-heavy"])
-def test_mtp_loss_equals_naive(model, batch, kind, chunk_size):
+def test_mtp_loss_equals_naive(model, batch, kind, chunk_size, checkpoint_heads):
     ids, attention_mask, labels = batch
     w = slot_weights(kind)
     expected = naive_loss(
         model, ids, attention_mask, labels, torch.ones(B, S, H) if w is None else w
     )
     expected_grads = grads(model, expected)
-    loss, head_ce = mtp_loss(model, ids, labels, w, attention_mask, chunk_size=chunk_size)
+    loss, head_ce = mtp_loss(
+        model,
+        ids,
+        labels,
+        w,
+        attention_mask,
+        chunk_size=chunk_size,
+        checkpoint_heads=checkpoint_heads,
+    )
     torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=0)
     assert_same_grads(grads(model, loss), expected_grads)
     with torch.no_grad():
