@@ -24,7 +24,7 @@ from wmtp_train import (
     artifact_uri,
     batch_rewards,
     head0_hidden,
-    is_sharded,
+    is_fsdp,
     iter_batches,
     iter_examples,
     load_base,
@@ -99,7 +99,7 @@ def train_critic(cfg: Config) -> dict:
     tokenizer, model = load_base(cfg, acc)
     model.eval().requires_grad_(False)
     model = (
-        acc.prepare_model(model) if is_sharded(acc) else model.to(acc.device)
+        acc.prepare_model(model) if is_fsdp(acc) else model.to(acc.device)
     )  # frozen; sharded under FSDP
     rm = None
     if cfg.paths.models.rm:

@@ -155,7 +155,7 @@ def train(cfg: Config, resume: str | None = None, *, stop_after: int | None = No
     step, epoch, examples_done = 0, 0, 0
     state = None
     if ckpt_path:
-        state = load_train_state(acc, ckpt_path, model, opt)
+        state = load_train_state(ckpt_path, model, opt)
         if state["config"]["train"]["algo"] != algo:
             raise ValueError(
                 f"{ckpt_path}: checkpoint is from algo {state['config']['train']['algo']!r}, not {algo!r}"
@@ -281,7 +281,7 @@ def train(cfg: Config, resume: str | None = None, *, stop_after: int | None = No
                         "value_head": value_head.state_dict(),
                         "value_optimizer": value_opt.state_dict(),
                     }
-                save_train_state(acc, path, model, opt, extra)
+                save_train_state(path, model, opt, extra)
                 if main:
                     prune_ckpts(run_dir, t.keep_last)
                     mlflow.set_tags({"checkpoint_latest": path, f"checkpoint_step_{step}": path})
@@ -297,7 +297,7 @@ def train(cfg: Config, resume: str | None = None, *, stop_after: int | None = No
             examples_done = 0
     bar.close()
     final = io_stream.join(run_dir, "final")
-    full = full_model_on_rank0(acc, model)
+    full = full_model_on_rank0(model)
     if main:
         save_model(full, final, tokenizer)
         mlflow.set_tag("final_model", final)

@@ -18,6 +18,7 @@ import io_stream
 from wmtp import Config, ConfigError, config_params, load_config
 from wmtp_data import Example, collate, encode, iter_dataset
 from wmtp_model import (
+    MTPModel,
     byte_tokenizer,
     init_mtp_model,
     load_model,
@@ -83,13 +84,18 @@ def setup(args: argparse.Namespace) -> Config:
 
 
 def make_accelerator(cfg: Config, grad_accum: int = 1):
-    """Accelerator with mixed precision from config: auto = bf16 on GPU, fp32 on CPU."""
+    """Accelerator with mixed precision from config (auto = bf16 on GPU, fp32 on CPU). Without a GPU,
+    processes started by torchrun form a gloo group (`accelerate launch --cpu` starts only one)."""
     from accelerate import Accelerator
 
     mp = cfg.train.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() else "no"
-    return Accelerator(mixed_precision=mp, gradient_accumulation_steps=grad_accum)
+    return Accelerator(
+        mixed_precision=mp,
+        gradient_accumulation_steps=grad_accum,
+        cpu=not torch.cuda.is_available(),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +104,7 @@ def make_accelerator(cfg: Config, grad_accum: int = 1):
 
 def rank0_reads_weights(acc) -> bool:
     """True when FSDP's cpu_ram_efficient_loading broadcasts rank 0's weights to the other ranks."""
-    return is_sharded(acc) and bool(acc.state.fsdp_plugin.cpu_ram_efficient_loading)
+    return is_fsdp(acc) and bool(acc.state.fsdp_plugin.cpu_ram_efficient_loading)
 
 
 def load_base(cfg: Config, acc):
@@ -138,7 +144,7 @@ def load_frozen(acc, path: str, kind: str, tokenizer, role: str, shard_over_gib:
         raise ValueError(
             f"{path}: the {role} model's tokenizer differs from the base model's; its tokens would not line up"
         )
-    shard = is_sharded(acc) and weights_nbytes(path) > shard_over_gib * 2**30
+    shard = is_fsdp(acc) and weights_nbytes(path) > shard_over_gib * 2**30
     meta = shard and rank0_reads_weights(acc) and not acc.is_main_process
     model = load_model(path, kind=kind, meta_weights=meta)
     model.eval().requires_grad_(False)
@@ -370,28 +376,57 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
-def is_sharded(acc) -> bool:
-    """True when the model is FSDP-sharded (checkpoints then go through torch.distributed.checkpoint)."""
+def is_fsdp(acc) -> bool:
+    """True for an FSDP run (accelerate launch --config_file fsdp.yaml)."""
     from accelerate.utils import DistributedType
 
     return acc.distributed_type == DistributedType.FSDP
 
 
+def is_sharded(model) -> bool:
+    """True for an FSDP2-sharded model (its checkpoints go through torch.distributed.checkpoint)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _unwrap(model):
+    """The module inside a DistributedDataParallel wrapper (FSDP2 shards in place: nothing to unwrap)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def _crash_hook(step: int, rank: int) -> None:
     """Test hook: WMTP_TEST_CRASH=STEP:RANK makes that rank die mid-checkpoint, before the manifest."""
-    spec = os.environ.get("WMTP_TEST_CRASH")
-    if spec and spec == f"{step}:{rank}":
+    if os.environ.get("WMTP_TEST_CRASH") == f"{step}:{rank}":
         raise RuntimeError(f"WMTP_TEST_CRASH: rank {rank} stops while saving step {step}")
 
 
-def save_train_state(acc, path: str, model, opt, state: dict) -> None:
-    """Write a checkpoint: model + optimizer (DCP shards under FSDP, else rank 0 alone), then
-    `state` and the manifest by rank 0 once every rank has written its part."""
-    from accelerate.utils import gather_object
+def save_train_state(path: str, model, opt, state: dict) -> None:
+    """Checkpoint at `path` from every rank: model + optimizer (DCP shards when FSDP-sharded, else
+    rank 0 alone), then `state` and, after a barrier, the manifest written last by rank 0."""
+    import torch.distributed as dist
 
-    state = {**state, "rng": gather_object([rng_state()]), "world_size": acc.num_processes}
-    step = state["step"]
-    if is_sharded(acc):
+    rank, world = _rank_world()
+    rngs = [rng_state()]
+    if world > 1:
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng_state())
+    state = {**state, "rng": rngs, "world_size": world}
+    opt = getattr(opt, "optimizer", opt)  # accelerate's wrapper
+    if is_sharded(model):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -401,66 +436,62 @@ def save_train_state(acc, path: str, model, opt, state: dict) -> None:
             storage_writer=dcp_writer(io_stream.join(path, "dcp")),
         )
         state["optimizer_param_groups"] = osd["param_groups"]
-    else:
-        state["model"] = acc.unwrap_model(model).state_dict()
+    elif rank == 0:
+        state["model"] = _unwrap(model).state_dict()
         state["optimizer"] = opt.state_dict()
-    _crash_hook(step, acc.process_index)
-    if acc.is_main_process:
-        io_stream.save_ckpt(state, path, before_manifest=acc.wait_for_everyone)
+    _crash_hook(state["step"], rank)
+    if rank == 0:
+        io_stream.save_ckpt(state, path, before_manifest=_barrier)
     else:
-        acc.wait_for_everyone()
-    acc.wait_for_everyone()
+        _barrier()
+    _barrier()
 
 
-def load_train_state(acc, path: str, model, opt) -> dict:
-    """Restore model and optimizer in place from a checkpoint (either layout); returns the rest."""
+def load_train_state(path: str, model, opt) -> dict:
+    """Restore model and optimizer in place from a checkpoint (either layout) on every rank;
+    returns the rest of the state. DCP reshards when the world size differs."""
     state = io_stream.load_ckpt(path)
-    if "optimizer_param_groups" in state:
-        if not is_sharded(acc):
-            raise ValueError(
-                f"{path}: a sharded (FSDP) checkpoint; resume it under accelerate launch --config_file fsdp.yaml"
-            )
+    opt = getattr(opt, "optimizer", opt)
+    if "optimizer_param_groups" in state:  # DCP shards; loading reshards to this world size
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         msd, osd = get_state_dict(model, opt)
         shards = {"model": msd, "optim": osd["state"]}
         dcp.load(shards, storage_reader=dcp_reader(io_stream.join(path, "dcp")))
+        groups = state["optimizer_param_groups"]
         set_state_dict(
             model,
             opt,
             model_state_dict=shards["model"],
-            optim_state_dict={
-                "state": shards["optim"],
-                "param_groups": state["optimizer_param_groups"],
-            },
+            optim_state_dict={"state": shards["optim"], "param_groups": groups},
+        )
+    elif "model" not in state:
+        raise ValueError(f"{path}: no model state in this checkpoint")
+    elif is_sharded(model):  # a single-process checkpoint resumed under FSDP
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        full = StateDictOptions(full_state_dict=True)
+        set_state_dict(
+            model,
+            opt,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=full,
         )
     else:
-        if "model" not in state:
-            raise ValueError(f"{path}: no model state in this checkpoint")
-        if is_sharded(acc):
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-            opts = StateDictOptions(full_state_dict=True)
-            set_state_dict(
-                model,
-                opt,
-                model_state_dict=state["model"],
-                optim_state_dict=state["optimizer"],
-                options=opts,
-            )
-        else:
-            acc.unwrap_model(model).load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-    rngs = state.get("rng") or []
-    if len(rngs) == acc.num_processes:
-        set_rng_state(rngs[acc.process_index])
+        _unwrap(model).load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    rank, world = _rank_world()
+    if len(state.get("rng") or []) == world:
+        set_rng_state(state["rng"][rank])
     return state
 
 
 def dcp_writer(path: str):
     """A torch.distributed.checkpoint writer for a local folder or S3 prefix (no fsync on S3)."""
-    from torch.distributed.checkpoint import FileSystemWriter, FsspecWriter
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
     kind, p = io_stream.resolve(path)
     if kind == "local":
@@ -470,26 +501,27 @@ def dcp_writer(path: str):
 
 def dcp_reader(path: str):
     """A torch.distributed.checkpoint reader for a local folder or S3 prefix."""
-    from torch.distributed.checkpoint import FileSystemReader, FsspecReader
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
     kind, p = io_stream.resolve(path)
     return FileSystemReader(p) if kind == "local" else FsspecReader(p, **io_stream.s3_options())
 
 
-def full_model_on_rank0(acc, model):
+def full_model_on_rank0(model):
     """The whole model on CPU on rank 0 (gathered from FSDP shards when sharded), None elsewhere."""
-    unwrapped = acc.unwrap_model(model)
-    if not is_sharded(acc):
-        return unwrapped if acc.is_main_process else None
+    rank, _ = _rank_world()
+    if not is_sharded(model):
+        return _unwrap(model) if rank == 0 else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
-    if not acc.is_main_process:
+    if rank != 0:
         return None
     with torch.device("meta"):
-        full = type(unwrapped)(unwrapped.config, unwrapped.n_heads)
+        full = MTPModel(model.config, model.n_heads)
     full.load_state_dict(sd, assign=True)
     return full
 
