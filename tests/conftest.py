@@ -31,7 +31,15 @@ def s3_endpoint():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
+    old = {
+        k: os.environ.get(k)
+        for k in (
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+            "AWS_ENDPOINT_URL",
+        )
+    }
     os.environ.update(
         AWS_ACCESS_KEY_ID="testing",
         AWS_SECRET_ACCESS_KEY="testing-secret-value",
@@ -53,9 +61,13 @@ def s3(s3_endpoint):
     """A fresh moto state with one empty bucket; yields its s3:// root."""
     import boto3
 
-    urllib.request.urlopen(urllib.request.Request(f"{s3_endpoint}/moto-api/reset", method="POST")).read()
+    urllib.request.urlopen(
+        urllib.request.Request(f"{s3_endpoint}/moto-api/reset", method="POST")
+    ).read()
     io_stream.configure_s3()  # drop cached filesystems and any explicit settings
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
+        Bucket=BUCKET
+    )
     yield f"s3://{BUCKET}"
     io_stream.configure_s3()
 

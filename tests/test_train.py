@@ -14,7 +14,7 @@ import io_stream
 import train_critic
 import train_mtp
 from wmtp import load_config
-from wmtp_model import byte_tokenizer, init_mtp_model, save_model
+from wmtp_model import byte_tokenizer, init_mtp_model, load_tokenizer, save_model
 from wmtp_train import run_cli as run_trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -214,9 +214,10 @@ def test_errors_are_one_line_and_write_nothing(case, tmp_path, capsys, monkeypat
     elif case == "missing_model":
         overrides.append(f"paths.models.base={tmp_path / 'nope'}")
     elif case == "ref_other_tokenizer":
-        from tiny_models import write_sentencepiece_tokenizer
+        from tiny_models import write_sentencepiece
 
-        write_reference(str(tmp_path / "ref"), tokenizer=write_sentencepiece_tokenizer(None))
+        write_sentencepiece(str(tmp_path / "sp"))
+        write_reference(str(tmp_path / "ref"), tokenizer=load_tokenizer(str(tmp_path / "sp")))
         overrides += ["train.algo=rho1-weighted", f"paths.models.ref={tmp_path / 'ref'}"]
     elif case == "critic_no_labels":
         write_dataset(str(tmp_path / "nolabels.jsonl"), labels=False)
