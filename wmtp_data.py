@@ -20,12 +20,8 @@ from torch.utils.checkpoint import checkpoint
 import io_stream
 
 IGNORE = -100  # label of a slot that carries no loss
-PYTHON_LANGUAGES = (
-    1,
-    3,
-    "PYTHON",
-    "PYTHON3",
-)  # CodeContests' Language enum: PYTHON = 1, PYTHON3 = 3
+# CodeContests' Language enum: PYTHON (2) = 1, PYTHON3 = 3; some exports spell them out
+PYTHON_LANGUAGES = (1, 3, "PYTHON", "PYTHON3")
 KINDS = ("mbpp", "humaneval", "codecontests", "custom", "text")
 CHUNK_ELEMENTS = 2**24  # logits per vocabulary-projection chunk (64 MiB in fp32)
 
