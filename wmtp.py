@@ -87,7 +87,7 @@ class Train(_Strict):
     seed: int = 42
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     run_name: str | None = None
-    shard_frozen_over_gib: float = 4.0
+    shard_frozen_over_gib: float = 6.0
 
 
 class Critic(_Strict):
