@@ -224,31 +224,34 @@ def load_config(
     path: str | None = "config.yaml", overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
     """Read config.yaml (local or S3), apply `key=value` overrides, validate strictly."""
-    source = path or "<defaults>"
-    raw: Any = {}
-    if path is not None:
-        try:
-            text = io_stream.read_bytes(path).decode()
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(
-                f"{path}:{at} not valid YAML ({getattr(exc, 'problem', exc)})"
-            ) from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
+    if path is None:
+        return parse_config("", "<defaults>", overrides)
+    try:
+        text = io_stream.read_bytes(path).decode()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    return parse_config(text, path, overrides)
+
+
+def parse_config(text: str, source: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Validate config YAML text; errors name `source` and the key."""
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(
+            f"{source}:{at} not valid YAML ({getattr(exc, 'problem', exc)})"
+        ) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping")
     _check_keys(raw, Config, "", source)
     for item in overrides:
         _apply_override(raw, item)
         _check_keys(raw, Config, "", f"--set {item}")
     try:
-        cfg = msgspec.convert(
-            raw, Config, strict=False
-        )  # lets YAML 1.1 strings like 1e-5 be floats
+        # strict=False lets YAML 1.1 strings such as 1e-5 become floats
+        cfg = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
         msg = str(exc)
         m = re.search(r"- at `\$\.?(.*)`", msg)
@@ -285,3 +288,63 @@ def config_params(cfg: Config) -> dict[str, str]:
 
     walk(msgspec.to_builtins(cfg), "")
     return flat
+
+
+# ---------------------------------------------------------------------------------------------
+# One import for notebooks: from wmtp import mtp_loss, load_model, iter_dataset, ...
+
+from wmtp_data import (  # noqa: E402
+    Example,
+    ValueHead,
+    collate,
+    critic_weights,
+    encode,
+    iter_dataset,
+    mtp_loss,
+    mtp_targets,
+    next_token_ce,
+    rho1_excess,
+    rho1_weights,
+    uniform_weights,
+    value_targets,
+    weight_stats,
+)
+from wmtp_model import (  # noqa: E402
+    MTPModel,
+    Tokenizer,
+    byte_tokenizer,
+    init_mtp_model,
+    load_model,
+    load_tokenizer,
+    same_tokenizer,
+    save_model,
+)
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "load_config",
+    "parse_config",
+    "Example",
+    "ValueHead",
+    "collate",
+    "critic_weights",
+    "encode",
+    "iter_dataset",
+    "mtp_loss",
+    "mtp_targets",
+    "next_token_ce",
+    "rho1_excess",
+    "rho1_weights",
+    "uniform_weights",
+    "value_targets",
+    "weight_stats",
+    "MTPModel",
+    "Tokenizer",
+    "byte_tokenizer",
+    "init_mtp_model",
+    "load_model",
+    "load_tokenizer",
+    "same_tokenizer",
+    "save_model",
+]
