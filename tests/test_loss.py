@@ -210,6 +210,21 @@ def test_bf16_close_to_fp32(model, batch):
         assert cos > 0.98, name
 
 
+def test_under_autocast_like_naive(model, batch):
+    ids, attention_mask, labels = batch
+    w = slot_weights("random")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = mtp_loss(model, ids, labels, w, attention_mask)
+        m = (labels != X).float()
+        logits = model(ids, attention_mask).float()
+    got = grads(model, loss)
+    ce = F.cross_entropy(logits.flatten(0, 2), labels.flatten(), ignore_index=X, reduction="none")
+    expected = (w * m * ce.view(labels.shape)).sum() / (w * m).sum()
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-3, atol=0)
+    for name, g in grads(model, expected).items():
+        assert F.cosine_similarity(got[name].flatten(), g.flatten(), dim=0) > 0.99, name
+
+
 def test_bad_inputs(model, batch):
     ids, attention_mask, labels = batch
     with pytest.raises(ValueError, match=r"weights have shape \(3, 24, 2\), labels \(3, 24, 4\)"):
