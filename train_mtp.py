@@ -107,6 +107,7 @@ def make_weight_fn(
         stash["weights"] = w
         return w
 
+    weights.needs_ce = algo != "critic"  # the critic reads only head 0's hidden state: no CE pass
     return weights
 
 

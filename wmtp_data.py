@@ -350,7 +350,8 @@ def mtp_loss(
 
     `weights` is None (uniform), a [B,S,H] tensor, or a function called once with the detached
     per-slot CE [B,S,H] and head 0's final normed hidden state [B,S,D] that returns [B,S,H]
-    (rho1 and critic weights; this costs one extra CE-only projection pass). The trunk runs
+    (rho1 and critic weights; this costs one extra CE-only projection pass, which a function
+    with the attribute `needs_ce = False` skips: it gets ce=None, as the critic's does). The trunk runs
     once and the heads one after another; the vocabulary projection and fp32 cross-entropy go
     in chunks of `chunk_size` rows, so [B,S,H,V] logits never exist, forward or backward.
     With `checkpoint_heads` each head block is recomputed in backward, so that only one head's
@@ -394,10 +395,11 @@ def _mtp_loss(model, input_ids, attention_mask, labels, weights, chunk_size, che
             r = slots[:, k].nonzero().squeeze(1)
             ce[r, k] = _linear_ce(zs[k][r].detach(), weight.detach(), y[r, k], chunk)
 
-    ce_known = callable(weights)
+    ce_known = callable(weights) and getattr(weights, "needs_ce", True)
     if ce_known:
         fill_ce(valid)
-        weights = weights(ce.view(B, S, H), zs[0].detach().view(B, S, -1))
+    if callable(weights):
+        weights = weights(ce.view(B, S, H) if ce_known else None, zs[0].detach().view(B, S, -1))
     if weights is not None and weights.shape != labels.shape:
         raise ValueError(f"weights have shape {tuple(weights.shape)}, labels {tuple(labels.shape)}")
     w = valid.float() if weights is None else weights.detach().float().reshape(-1, H)

@@ -140,6 +140,30 @@ def test_weight_function_gets_ce_and_head0_hidden(model, batch, mode):
     assert_same_grads(got, grads(model, expected))
 
 
+def test_weight_function_without_ce_reads_only_the_hidden_state(model, batch):
+    ids, attention_mask, labels = batch
+    probe = torch.linspace(-1, 1, model.config.hidden_size)
+
+    def weights(ce, hidden):
+        assert ce is None
+        return (hidden @ probe).exp()[..., None].expand(-1, -1, H) * (labels != X)
+
+    weights.needs_ce = False
+    loss, head_ce = mtp_loss(model, ids, labels, weights, attention_mask, chunk_size=11)
+    got = grads(model, loss)
+    with torch.no_grad():
+        h, ctx = model.run_trunk(ids, attention_mask)
+        expected_weights = weights(None, model.run_head(0, h, ctx))
+    expected = naive_loss(model, ids, attention_mask, labels, expected_weights)
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=0)
+    assert_same_grads(got, grads(model, expected))
+    ce = naive_ce(model, ids, attention_mask, labels).detach()
+    m = labels != X
+    torch.testing.assert_close(
+        head_ce, torch.stack([ce[..., k][m[..., k]].mean() for k in range(H)]), rtol=1e-5, atol=0
+    )
+
+
 def test_no_grad_and_frozen_unembedding(model, batch):
     ids, attention_mask, labels = batch
     w = slot_weights("random")
