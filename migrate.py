@@ -125,18 +125,9 @@ _ABSENT = object()  # a dataset entry that only a commented alternative names
 
 def read_old_file(path: str) -> dict:
     """Parse one old YAML file (local or S3); a malformed one is an error naming file and line."""
-    text = io_stream.read_bytes(path).decode("utf-8", errors="replace")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}:" if mark else ""
-        raise ValueError(
-            f"{path}:{where} not valid YAML ({getattr(exc, 'problem', None) or exc})"
-        ) from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of old config keys at the top level")
-    return raw
+    return wmtp.parse_yaml_mapping(
+        io_stream.read_bytes(path).decode("utf-8", errors="replace"), path
+    )
 
 
 def _get(raw: Any, dotted: str) -> Any:

@@ -233,18 +233,24 @@ def load_config(
     return parse_config(text, path, overrides)
 
 
-def parse_config(text: str, source: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Validate config YAML text; errors name `source` and the key."""
+def parse_yaml_mapping(text: str, source: str) -> dict:
+    """YAML text whose top level is a mapping (empty text: {}); errors name the source and line."""
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        at = f" line {mark.line + 1}" if mark else ""
+        at = f" line {mark.line + 1}:" if mark else ""
         raise ConfigError(
-            f"{source}:{at} not valid YAML ({getattr(exc, 'problem', exc)})"
+            f"{source}:{at} not valid YAML ({getattr(exc, 'problem', None) or exc})"
         ) from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: top level must be a mapping")
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level")
+    return raw
+
+
+def parse_config(text: str, source: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Validate config YAML text; errors name `source` and the key."""
+    raw = parse_yaml_mapping(text, source)
     _check_keys(raw, Config, "", source)
     for item in overrides:
         _apply_override(raw, item)
