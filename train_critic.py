@@ -36,6 +36,7 @@ from wmtp_train import (
     run_cli,
     run_name_for,
     setup,
+    shard_frozen,
 )
 
 
@@ -99,7 +100,7 @@ def train_critic(cfg: Config) -> dict:
     tokenizer, model = load_base(cfg, acc)
     model.eval().requires_grad_(False)
     model = (
-        acc.prepare_model(model) if is_fsdp(acc) else model.to(acc.device)
+        shard_frozen(acc, model) if is_fsdp(acc) else model.to(acc.device)
     )  # frozen; sharded under FSDP
     rm = None
     if cfg.paths.models.rm:

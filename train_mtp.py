@@ -145,11 +145,10 @@ def train(cfg: Config, resume: str | None = None, *, stop_after: int | None = No
                 value_head.parameters(), lr=cfg.critic.value_lr, weight_decay=0.0
             )
 
-    model = acc.prepare_model(model)
     opt = torch.optim.AdamW(
         model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
     )
-    opt = acc.prepare_optimizer(opt)
+    model, opt = acc.prepare(model, opt)  # under FSDP2 model and optimizer are sharded together
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(t.warmup_steps, t.max_steps, t.schedule)
     )

@@ -81,6 +81,14 @@ class MTPModel(nn.Module):
         """Head k's final *normed* hidden state [B,S,D] (lm_head of it gives head k's logits)."""
         return self.norm(self.heads[k](hidden, **ctx))
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding (accelerate's FSDP2 wrapping shards it as its own unit)."""
+        return self.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        """The shared unembedding (accelerate's FSDP2 wrapping groups it with the final norm)."""
+        return self.lm_head
+
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, fn=None
     ):

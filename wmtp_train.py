@@ -148,7 +148,14 @@ def load_frozen(acc, path: str, kind: str, tokenizer, role: str, shard_over_gib:
     meta = shard and rank0_reads_weights(acc) and not acc.is_main_process
     model = load_model(path, kind=kind, meta_weights=meta)
     model.eval().requires_grad_(False)
-    return acc.prepare_model(model) if shard else model.to(acc.device)
+    return shard_frozen(acc, model) if shard else model.to(acc.device)
+
+
+def shard_frozen(acc, model):
+    """FSDP2-shard a frozen model the way accelerate shards the trained one (no optimizer needed)."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    return fsdp2_prepare_model(acc, model)
 
 
 # ---------------------------------------------------------------------------------------------

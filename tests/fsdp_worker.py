@@ -1,10 +1,11 @@
 """FSDP2 on CPU with gloo, run by tests/test_distributed.py under `torchrun --nproc_per_node 2`.
 
-accelerate enables FSDP only on accelerators, so this worker shards an MTPModel with torch's
-`fully_shard` exactly as accelerate's fsdp2_prepare_model does for fsdp.yaml (each LlamaDecoderLayer,
-the embedding, [norm, lm_head] together, then the root) and checks, against an unsharded copy on
-every rank: mtp_loss gradients, an optimizer step, the kit's DCP checkpoint round trip to the
-given location (S3 or local), resharded resume, and the final model gathered on rank 0.
+accelerate turns FSDP on only on accelerators, so this worker gives a CPU Accelerator the FSDP2
+plugin that fsdp.yaml describes and shards with accelerate's own `fsdp2_prepare_model` (each
+LlamaDecoderLayer, the embedding, [norm, lm_head], the root; cpu_ram_efficient_loading). It checks,
+against an unsharded copy on every rank: rank-0-only weight loading (rank 1 reads no weights),
+mtp_loss gradients, an optimizer step, the kit's DCP checkpoint round trip to the given location
+(S3 or local), resume, and the final model gathered on rank 0.
 """
 
 import os
@@ -12,8 +13,9 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from accelerate import Accelerator
+from accelerate.utils import FullyShardedDataParallelPlugin
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -28,15 +30,18 @@ DIMS = dict(
 )
 
 
-def shard(model):
-    """The FSDP2 layout accelerate builds from fsdp.yaml."""
-    for m in model.modules():
-        if isinstance(m, LlamaDecoderLayer):
-            fully_shard(m)
-    fully_shard(model.embed_tokens)
-    fully_shard([model.norm, model.lm_head], reshard_after_forward=False)
-    fully_shard(model)
-    return model
+def fsdp_accelerator() -> Accelerator:
+    """A CPU Accelerator carrying the FSDP2 plugin of fsdp.yaml."""
+    acc = Accelerator(cpu=True)
+    acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
+        state_dict_type="SHARDED_STATE_DICT",
+        cpu_ram_efficient_loading=True,
+        reshard_after_forward=True,
+    )
+    return acc
 
 
 def batch(rank: int):
@@ -65,10 +70,22 @@ def check(cond: bool, what: str) -> None:
 
 
 def main(out: str) -> None:
-    dist.init_process_group("gloo")
+    acc = fsdp_accelerator()
     rank, world = dist.get_rank(), dist.get_world_size()
     ref = init_mtp_model(**DIMS, seed=0)
-    model = shard(init_mtp_model(**DIMS, seed=0))
+    if rank == 0:
+        save_model(ref, io_stream.join(out, "base"), byte_tokenizer())
+    dist.barrier()
+    # rank 0 reads the weights; rank 1 builds the model on the meta device and receives them
+    base = load_model(io_stream.join(out, "base"), meta_weights=rank != 0)
+    check((base.lm_head.weight.device.type == "meta") == (rank != 0), "meta_weights placement")
+
+    def shard(m):
+        return fsdp2_prepare_model(acc, m)
+
+    model = shard(base)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        check(torch.equal(full(p), q), f"{name} was not broadcast from rank 0")
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
 
@@ -87,7 +104,9 @@ def main(out: str) -> None:
     ref_opt.step()
     opt.step()
     if rank == 0:  # for the test's single-process (resharded) load
-        io_stream.write_safetensors(ref.state_dict(), io_stream.join(out, "reference_step_1.safetensors"))
+        io_stream.write_safetensors(
+            ref.state_dict(), io_stream.join(out, "reference_step_1.safetensors")
+        )
 
     save_train_state(io_stream.join(out, "step_1"), model, opt, {"step": 1, "note": "fsdp"})
     check(io_stream.latest_ckpt(out).endswith("step_1"), "checkpoint not complete")
