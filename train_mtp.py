@@ -39,6 +39,7 @@ from wmtp_train import (
     load_train_state,
     lr_lambda,
     make_accelerator,
+    mlflow_connect,
     mlflow_start,
     parse_args,
     prune_ckpts,
@@ -55,9 +56,7 @@ def load_value_head(cfg: Config, dim: int) -> ValueHead:
     """The stage-1 value head from critic.value_head (path, runs:/ or models:/ URI) or paths.value_head."""
     src = cfg.critic.value_head or cfg.paths.value_head
     if src.startswith(("runs:/", "models:/")):
-        import mlflow
-
-        mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+        mlflow_connect(cfg)
         src = resolve_mlflow_uri(src)
         if not src.endswith(".safetensors"):
             src = io_stream.join(src, "value_head.safetensors")

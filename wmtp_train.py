@@ -297,13 +297,20 @@ def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
 # MLflow (rank 0 only)
 
 
-def mlflow_start(cfg: Config, run_name: str, run_id: str | None = None):
-    """Start (or continue) the MLflow run; MLFLOW_TRACKING_URI wins over the config."""
+def mlflow_connect(cfg: Config) -> None:
+    """Point MLflow at the configured tracking (and registry) server; MLFLOW_TRACKING_URI wins."""
     import mlflow
 
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri)
     if cfg.mlflow.registry_uri:
         mlflow.set_registry_uri(cfg.mlflow.registry_uri)
+
+
+def mlflow_start(cfg: Config, run_name: str, run_id: str | None = None):
+    """Start (or continue) the MLflow run and log the config (secrets removed) as params."""
+    import mlflow
+
+    mlflow_connect(cfg)
     exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
     if exp is None:
         exp_id = mlflow.create_experiment(

@@ -15,9 +15,9 @@ import mlflow
 import pytest
 import torch
 from conftest import free_port
+from test_train import TINY, write_dataset
 
 import io_stream
-from test_train import TINY, write_dataset
 from wmtp import load_config
 from wmtp_model import init_mtp_model
 from wmtp_train import iter_batches, load_train_state

@@ -76,12 +76,23 @@ def clean_mlflow(monkeypatch):
 
 def write_reference(path: str, tokenizer=None, seed: int = 1) -> None:
     """A tiny next-token model in the kit's HF-compatible layout (loadable as kind='causal')."""
-    model = init_mtp_model(vocab_size=259, dim=32, n_layers=3, n_heads=1, n_attn_heads=2, n_kv_heads=1, max_seq_len=128, seed=seed)
+    model = init_mtp_model(
+        vocab_size=259,
+        dim=32,
+        n_layers=3,
+        n_heads=1,
+        n_attn_heads=2,
+        n_kv_heads=1,
+        max_seq_len=128,
+        seed=seed,
+    )
     save_model(model, path, tokenizer or byte_tokenizer())
 
 
 def run_stage2(overrides, resume=None, stop_after=None):
-    return train_mtp.train(load_config(os.path.join(ROOT, "config.yaml"), overrides), resume, stop_after=stop_after)
+    return train_mtp.train(
+        load_config(os.path.join(ROOT, "config.yaml"), overrides), resume, stop_after=stop_after
+    )
 
 
 @pytest.mark.parametrize("algo", ["baseline", "critic", "rho1-weighted", "rho1-tokenskip"])
@@ -97,7 +108,10 @@ def test_every_algo_trains_locally(algo, tmp_path):
         extra.append(f"paths.models.ref={tmp_path / 'ref'}")
     out = run_stage2(make_config(base, tmp_path, *extra))
     assert len(out["losses"]) == 4 and all(math.isfinite(v) for v in out["losses"])
-    assert [os.path.basename(p) for p in io_stream.list_ckpts(out["run_dir"])] == ["step_2", "step_4"]
+    assert [os.path.basename(p) for p in io_stream.list_ckpts(out["run_dir"])] == [
+        "step_2",
+        "step_4",
+    ]
     assert io_stream.exists(io_stream.join(out["run_dir"], "final", "config.json"))
     run = mlflow.MlflowClient().get_run(out["run_id"])
     assert "loss" in run.data.metrics and "ce_head3" in run.data.metrics
@@ -111,7 +125,15 @@ def test_every_algo_trains_locally(algo, tmp_path):
 def test_loss_falls_on_a_repeated_batch(tmp_path):
     data = str(tmp_path / "one.jsonl")
     write_dataset(data, n=2)
-    overrides = make_config(str(tmp_path), tmp_path, f"paths.datasets={{toy: {data}}}", "train.max_steps=25", "train.lr=3e-3", "train.schedule=constant", "train.save_every=100")
+    overrides = make_config(
+        str(tmp_path),
+        tmp_path,
+        f"paths.datasets={{toy: {data}}}",
+        "train.max_steps=25",
+        "train.lr=3e-3",
+        "train.schedule=constant",
+        "train.save_every=100",
+    )
     losses = run_stage2(overrides)["losses"]
     assert losses[-1] < 0.6 * losses[0]
 
@@ -119,7 +141,20 @@ def test_loss_falls_on_a_repeated_batch(tmp_path):
 def test_all_on_s3_with_stage1_handoff_through_s3_and_mlflow(s3, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", os.environ["AWS_ENDPOINT_URL"])
     base_model = f"{s3}/models/base"
-    save_model(init_mtp_model(vocab_size=259, dim=32, n_layers=5, n_heads=4, n_attn_heads=2, n_kv_heads=1, max_seq_len=128, seed=3), base_model, byte_tokenizer())
+    save_model(
+        init_mtp_model(
+            vocab_size=259,
+            dim=32,
+            n_layers=5,
+            n_heads=4,
+            n_attn_heads=2,
+            n_kv_heads=1,
+            max_seq_len=128,
+            seed=3,
+        ),
+        base_model,
+        byte_tokenizer(),
+    )
     write_reference(f"{s3}/models/ref")
     common = make_config(s3, tmp_path, f"paths.models.base={base_model}")
     res = train_critic.train_critic(load_config(os.path.join(ROOT, "config.yaml"), common))
@@ -127,19 +162,51 @@ def test_all_on_s3_with_stage1_handoff_through_s3_and_mlflow(s3, tmp_path, monke
     version = mlflow.MlflowClient().get_model_version("wmtp_critic_value_head", res["version"])
     assert version.run_id == res["run_id"]
     art = mlflow.MlflowClient().get_run(res["run_id"]).info.artifact_uri
-    assert art.startswith(f"{s3}/mlartifacts") and io_stream.exists(f"{art}/value_head/value_head.safetensors")
-    for source in (res["value_head"], f"models:/wmtp_critic_value_head/{res['version']}", f"runs:/{res['run_id']}/value_head"):
-        out = run_stage2([*common, "train.algo=critic", "train.max_steps=2", "train.save_every=2", f"critic.value_head={source}"])
+    assert art.startswith(f"{s3}/mlartifacts") and io_stream.exists(
+        f"{art}/value_head/value_head.safetensors"
+    )
+    for source in (
+        res["value_head"],
+        f"models:/wmtp_critic_value_head/{res['version']}",
+        f"runs:/{res['run_id']}/value_head",
+    ):
+        out = run_stage2(
+            [
+                *common,
+                "train.algo=critic",
+                "train.max_steps=2",
+                "train.save_every=2",
+                f"critic.value_head={source}",
+            ]
+        )
         assert all(math.isfinite(v) for v in out["losses"])
         assert out["run_dir"].startswith(f"{s3}/ckpt/critic-")
         assert io_stream.latest_ckpt(out["run_dir"]).endswith("step_2")
-    out = run_stage2([*common, "train.algo=rho1-tokenskip", f"paths.models.ref={s3}/models/ref", "train.max_steps=2", "train.save_every=2"])
-    final_art = mlflow.MlflowClient().get_run(out["run_id"]).info.artifact_uri + "/model/config.json"
+    out = run_stage2(
+        [
+            *common,
+            "train.algo=rho1-tokenskip",
+            f"paths.models.ref={s3}/models/ref",
+            "train.max_steps=2",
+            "train.save_every=2",
+        ]
+    )
+    final_art = (
+        mlflow.MlflowClient().get_run(out["run_id"]).info.artifact_uri + "/model/config.json"
+    )
     assert io_stream.exists(final_art)
 
 
 def test_resume_gives_the_same_losses(tmp_path):
-    overrides = make_config(str(tmp_path), tmp_path, "train.max_steps=6", "train.save_every=2", "train.keep_last=5", "train.algo=rho1-weighted", f"paths.models.ref={tmp_path / 'ref'}")
+    overrides = make_config(
+        str(tmp_path),
+        tmp_path,
+        "train.max_steps=6",
+        "train.save_every=2",
+        "train.keep_last=5",
+        "train.algo=rho1-weighted",
+        f"paths.models.ref={tmp_path / 'ref'}",
+    )
     write_reference(str(tmp_path / "ref"))
     full = run_stage2([*overrides, "train.run_name=full"])["losses"]
     first = run_stage2([*overrides, "train.run_name=cut"], stop_after=4)
@@ -163,7 +230,9 @@ def test_resume_auto_without_run_name_picks_the_newest_run(tmp_path):
 
 
 def run_script(args, cwd, env=None):
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_default_config_runs_with_no_cache(tmp_path):
@@ -177,11 +246,28 @@ def test_default_config_runs_with_no_cache(tmp_path):
     cfg = os.path.join(ROOT, "config.yaml")
     r = run_script([os.path.join(ROOT, "train_critic.py"), "--config", cfg, *sets], work, env)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_script([os.path.join(ROOT, "train_mtp.py"), "--config", cfg, "--algo", "critic", *sets, "--set", "train.max_steps=3"], work, env)
+    r = run_script(
+        [
+            os.path.join(ROOT, "train_mtp.py"),
+            "--config",
+            cfg,
+            "--algo",
+            "critic",
+            *sets,
+            "--set",
+            "train.max_steps=3",
+        ],
+        work,
+        env,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert os.listdir(home) == [] and os.listdir(tmp) == []
     assert sorted(os.listdir(work)) == ["mlflow.db", "runs"]
-    assert sorted(os.listdir(work / "runs")) == ["checkpoints", "mlflow-artifacts", "value_head.safetensors"]
+    assert sorted(os.listdir(work / "runs")) == [
+        "checkpoints",
+        "mlflow-artifacts",
+        "value_head.safetensors",
+    ]
 
 
 def error_of(main, argv, capsys):
@@ -193,7 +279,15 @@ def error_of(main, argv, capsys):
 
 @pytest.mark.parametrize(
     "case",
-    ["unknown_key", "legacy_key", "secret", "missing_model", "ref_other_tokenizer", "critic_no_labels", "s3_unreachable"],
+    [
+        "unknown_key",
+        "legacy_key",
+        "secret",
+        "missing_model",
+        "ref_other_tokenizer",
+        "critic_no_labels",
+        "s3_unreachable",
+    ],
 )
 def test_errors_are_one_line_and_write_nothing(case, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
@@ -209,7 +303,9 @@ def test_errors_are_one_line_and_write_nothing(case, tmp_path, capsys, monkeypat
         text += "\ncache: .cache\n"
         code = 2
     elif case == "secret":
-        text = text.replace("  profile: null", "  profile: null\n  secret_access_key: hunter2hunter2")
+        text = text.replace(
+            "  profile: null", "  profile: null\n  secret_access_key: hunter2hunter2"
+        )
         code = 2
     elif case == "missing_model":
         overrides.append(f"paths.models.base={tmp_path / 'nope'}")
@@ -228,8 +324,13 @@ def test_errors_are_one_line_and_write_nothing(case, tmp_path, capsys, monkeypat
 
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
-        overrides += [f"s3.endpoint_url=http://127.0.0.1:{free_port()}", "paths.models.base=s3://bucket/models/base"]
-    overrides = [o for o in overrides if not o.startswith(("paths.checkpoints", "mlflow.tracking_uri"))]
+        overrides += [
+            f"s3.endpoint_url=http://127.0.0.1:{free_port()}",
+            "paths.models.base=s3://bucket/models/base",
+        ]
+    overrides = [
+        o for o in overrides if not o.startswith(("paths.checkpoints", "mlflow.tracking_uri"))
+    ]
     overrides += [f"paths.checkpoints={out}/ckpt", f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db"]
     cfg.write_text(text)
     for o in overrides:
