@@ -61,7 +61,12 @@ def load_value_head(cfg: Config, dim: int) -> ValueHead:
         if not src.endswith(".safetensors"):
             src = io_stream.join(src, "value_head.safetensors")
     head = ValueHead(dim)
-    state = io_stream.read_safetensors(src)
+    try:
+        state = io_stream.read_safetensors(src)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{src}: no value head there; run `python train_critic.py` first or set critic.value_head"
+        ) from None
     differ = set(head.state_dict()) ^ set(state)
     if differ:
         raise ValueError(f"{src}: not a value head for dim {dim} (keys differ: {sorted(differ)})")
