@@ -63,9 +63,9 @@ def load_value_head(cfg: Config, dim: int) -> ValueHead:
     head = ValueHead(dim)
     try:
         state = io_stream.read_safetensors(src)
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
         raise FileNotFoundError(
-            f"{src}: no value head there; run `python train_critic.py` first or set critic.value_head"
+            f"{exc} (the critic's value head: run `python train_critic.py` first or set critic.value_head)"
         ) from None
     differ = set(head.state_dict()) ^ set(state)
     if differ:
