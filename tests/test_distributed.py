@@ -15,11 +15,10 @@ import mlflow
 import pytest
 import torch
 from conftest import free_port
-from test_train import TINY, write_dataset
+from test_train import TINY, tiny_model, write_dataset
 
 import io_stream
 from wmtp import load_config
-from wmtp_model import init_mtp_model
 from wmtp_train import iter_batches, load_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,16 +159,7 @@ def test_fsdp2_sharded_training_and_checkpoints(s3, tmp_path):
     manifest = json.loads(io_stream.read_bytes(f"{s3}/fsdp/step_1/manifest.json"))
     assert "optimizer_param_groups" in manifest["state"]
     # the 2-rank sharded checkpoint loads into one unsharded process (DCP reshards)
-    model = init_mtp_model(
-        vocab_size=259,
-        dim=32,
-        n_layers=5,
-        n_heads=4,
-        n_attn_heads=2,
-        n_kv_heads=1,
-        max_seq_len=64,
-        seed=9,
-    )
+    model = tiny_model(seed=9, max_seq_len=64)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     state = load_train_state(f"{s3}/fsdp/step_1", model, opt)
     assert state["world_size"] == 2

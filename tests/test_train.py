@@ -74,19 +74,23 @@ def clean_mlflow(monkeypatch):
         mlflow.end_run()
 
 
-def write_reference(path: str, tokenizer=None, seed: int = 1) -> None:
-    """A tiny next-token model in the kit's HF-compatible layout (loadable as kind='causal')."""
-    model = init_mtp_model(
+def tiny_model(n_layers: int = 5, n_heads: int = 4, seed: int = 0, max_seq_len: int = 128):
+    """A tiny random MTP model over the byte tokenizer's vocabulary."""
+    return init_mtp_model(
         vocab_size=259,
         dim=32,
-        n_layers=3,
-        n_heads=1,
+        n_layers=n_layers,
+        n_heads=n_heads,
         n_attn_heads=2,
         n_kv_heads=1,
-        max_seq_len=128,
+        max_seq_len=max_seq_len,
         seed=seed,
     )
-    save_model(model, path, tokenizer or byte_tokenizer())
+
+
+def write_reference(path: str, tokenizer=None, seed: int = 1) -> None:
+    """A tiny next-token model in the kit's HF-compatible layout (loadable as kind='causal')."""
+    save_model(tiny_model(n_layers=3, n_heads=1, seed=seed), path, tokenizer or byte_tokenizer())
 
 
 def run_stage2(overrides, resume=None, stop_after=None):
@@ -142,16 +146,7 @@ def test_all_on_s3_with_stage1_handoff_through_s3_and_mlflow(s3, tmp_path, monke
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", os.environ["AWS_ENDPOINT_URL"])
     base_model = f"{s3}/models/base"
     save_model(
-        init_mtp_model(
-            vocab_size=259,
-            dim=32,
-            n_layers=5,
-            n_heads=4,
-            n_attn_heads=2,
-            n_kv_heads=1,
-            max_seq_len=128,
-            seed=3,
-        ),
+        tiny_model(seed=3),
         base_model,
         byte_tokenizer(),
     )
