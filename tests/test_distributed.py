@@ -26,7 +26,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def launch(script: str, args: list[str], cwd, env_extra=None) -> subprocess.CompletedProcess:
     """torchrun --nproc_per_node 2 SCRIPT ARGS: accelerate's DDP over gloo on CPU."""
-    env = {**os.environ, "PYTHONPATH": ROOT, **(env_extra or {})}
+    # mlflow.set_tracking_uri in earlier in-process tests exports MLFLOW_TRACKING_URI: drop it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env |= {"PYTHONPATH": ROOT, **(env_extra or {})}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_port", str(free_port()), os.path.join(ROOT, script), *args,

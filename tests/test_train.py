@@ -72,6 +72,7 @@ def clean_mlflow(monkeypatch):
     yield
     while mlflow.active_run():
         mlflow.end_run()
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri exports it
 
 
 def tiny_model(n_layers: int = 5, n_heads: int = 4, seed: int = 0, max_seq_len: int = 128):
