@@ -1,9 +1,10 @@
 """Multi-process tests on CPU with gloo: both trainers under torchrun (accelerate's DDP) with checkpoints
-on the moto S3 server, a crash mid-checkpoint and exact resume; FSDP2 sharding + DCP checkpoints.
+on the moto S3 server, a crash mid-checkpoint and exact resume; the same under FSDP2.
 
 On CPU, `accelerate launch --cpu` starts a single process and accelerate enables FSDP only on
-accelerators, so the trainers run as DDP under torchrun here, and the FSDP path is exercised by
-tests/fsdp_worker.py with torch's fully_shard, laid out as accelerate lays it out for fsdp.yaml.
+accelerators. So the DDP runs use torchrun; the FSDP2 runs use tests/fsdp_train.py (the trainer with
+fsdp.yaml's FSDP2 plugin set on a CPU Accelerator) and tests/fsdp_worker.py (accelerate's
+fsdp2_prepare_model checked against an unsharded model).
 """
 
 import json
@@ -91,6 +92,30 @@ def test_two_processes_crash_mid_checkpoint_and_resume_exactly(s3, tmp_path):
     assert (
         state["world_size"] == 2 and len(state["rng"]) == 2 and state["examples_done"] == 6 * 2 * 2
     )
+    assert io_stream.exists(f"{s3}/ckpt/cut/final/mtp.json")
+
+
+def test_trainer_under_fsdp2_crash_and_exact_resume(s3, tmp_path):
+    """The trainer's own FSDP2 path (tests/fsdp_train.py): DCP shards on S3, crash, exact resume."""
+    full = launch("tests/fsdp_train.py", settings(s3, tmp_path, "full"), tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    names = io_stream.list_dir(f"{s3}/ckpt/full/step_2/dcp")
+    assert ".metadata" in names and sum(n.endswith(".distcp") for n in names) == 2
+    crashed = launch(
+        "tests/fsdp_train.py", settings(s3, tmp_path, "cut"), tmp_path, {"WMTP_TEST_CRASH": "4:1"}
+    )
+    assert crashed.returncode != 0 and "WMTP_TEST_CRASH" in crashed.stderr
+    assert io_stream.list_dir(f"{s3}/ckpt/cut/step_4/dcp")  # shards written, manifest not
+    assert io_stream.latest_ckpt(f"{s3}/ckpt/cut") == f"{s3}/ckpt/cut/step_2"
+    resumed = launch(
+        "tests/fsdp_train.py", [*settings(s3, tmp_path, "cut"), "--resume", "auto"], tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("wmtp").experiment_id
+    by_name = {r.info.run_name: r.info.run_id for r in client.search_runs([exp])}
+    assert losses_by_step(client, by_name["cut"]) == losses_by_step(client, by_name["full"])
     assert io_stream.exists(f"{s3}/ckpt/cut/final/mtp.json")
 
 
