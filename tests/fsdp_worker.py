@@ -13,12 +13,12 @@ import sys
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
-from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from fsdp_train import fsdp_cpu_accelerator  # noqa: E402  (tests/, the script's own folder)
 
 import io_stream  # noqa: E402
 from wmtp_data import mtp_loss, mtp_targets  # noqa: E402
@@ -28,20 +28,6 @@ from wmtp_train import full_model_on_rank0, load_train_state, save_train_state  
 DIMS = dict(
     vocab_size=259, dim=32, n_layers=5, n_heads=4, n_attn_heads=2, n_kv_heads=1, max_seq_len=64
 )
-
-
-def fsdp_accelerator() -> Accelerator:
-    """A CPU Accelerator carrying the FSDP2 plugin of fsdp.yaml."""
-    acc = Accelerator(cpu=True)
-    acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2,
-        auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
-        state_dict_type="SHARDED_STATE_DICT",
-        cpu_ram_efficient_loading=True,
-        reshard_after_forward=True,
-    )
-    return acc
 
 
 def batch(rank: int):
@@ -70,7 +56,7 @@ def check(cond: bool, what: str) -> None:
 
 
 def main(out: str) -> None:
-    acc = fsdp_accelerator()
+    acc = fsdp_cpu_accelerator(None)
     rank, world = dist.get_rank(), dist.get_world_size()
     ref = init_mtp_model(**DIMS, seed=0)
     if rank == 0:
