@@ -122,7 +122,11 @@ def _s3_error(uri: str, exc: BaseException) -> Exception:
     # s3fs re-raises botocore's ClientError as OSError; the S3 error code stays on the cause
     response = getattr(exc, "response", None) or getattr(exc.__cause__, "response", None) or {}
     code = response.get("Error", {}).get("Code", "")
-    probe = f"{code} {type(exc).__name__} {exc}"
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    types = " ".join(type(e).__name__ for e in (exc, exc.__cause__, exc.__context__) if e)
+    # Messages quote the request URL; a port like :40412 or a key named "AccessDenied" is no verdict
+    text = re.sub(r"\S+://\S*", "", f"{exc} {exc.__cause__ or ''}").replace(uri[len("s3://") :], "")
+    probe = f"{code} {types} {text}"
     bucket = uri[len("s3://") :].split("/", 1)[0]
     if "NoSuchBucket" in probe or "bucket does not exist" in probe.lower():
         return FileNotFoundError(f"{uri}: no such bucket {bucket!r}")
@@ -147,7 +151,11 @@ def _s3_error(uri: str, exc: BaseException) -> Exception:
         return PermissionError(f"{uri}: AWS profile {profile!r} not found")
     if "PreconditionFailed" in probe or "pre-conditions" in probe:
         return OSError(f"{uri}: the object changed while it was being read")
-    if isinstance(exc, FileNotFoundError) or "NoSuchKey" in probe or "404" in probe:
+    if (
+        isinstance(exc, FileNotFoundError)
+        or code in ("NoSuchKey", "NotFound", "404")
+        or status == 404
+    ):
         return FileNotFoundError(f"{uri}: no such object")
     if any(s in probe for s in ("Connect", "EndpointConnectionError", "Cannot connect", "Timeout")):
         return ConnectionError(f"{uri}: S3 endpoint unreachable ({_s3_endpoint_label()})")

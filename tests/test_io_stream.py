@@ -760,6 +760,30 @@ def test_unreachable_endpoint(s3, monkeypatch):
     assert f"{s3}/x.bin" in str(err.value) and secret() not in str(err.value)
 
 
+def test_error_verdict_ignores_words_in_the_url(s3):
+    # The URL is quoted in botocore's messages: a port with "404" in it is still unreachable, and a
+    # missing key named after an error code is still just missing (CI once hit port 40412).
+    import socket
+
+    with socket.socket() as sock:
+        for port in range(40400, 40500):
+            try:
+                sock.bind(("127.0.0.1", port))  # bound, never listening: connections are refused
+                break
+            except OSError:
+                continue
+        io_stream.configure_s3(endpoint_url=f"http://127.0.0.1:{port}")
+        with pytest.raises(ConnectionError, match="S3 endpoint unreachable"):
+            io_stream.read_bytes(f"{s3}/x.bin")
+        with pytest.raises(ConnectionError, match="S3 endpoint unreachable"):
+            io_stream.list_dir(f"{s3}/p")
+    io_stream.configure_s3()
+    for key in ("AccessDenied.bin", "Timeout/Connect.bin", "Forbidden-404.bin"):
+        with pytest.raises(FileNotFoundError) as err:
+            io_stream.read_bytes(f"{s3}/{key}")
+        assert str(err.value) == f"{s3}/{key}: no such object"
+
+
 def test_configure_s3_overrides_environment(s3, s3_endpoint, boto, monkeypatch):
     boto.put_object(Bucket=BUCKET, Key="c.bin", Body=b"configured")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
