@@ -275,14 +275,17 @@ def mtp_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor, n_heads: int) 
 @torch.no_grad()
 def _linear_ce(
     z: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int
-) -> torch.Tensor:
-    """Per-row fp32 cross-entropy of z @ weight.T against target, one chunk of rows at a time."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row fp32 cross-entropy of z @ weight.T against target, and the logits' logsumexp,
+    one chunk of rows at a time."""
     ce = torch.empty(len(z), dtype=torch.float32, device=z.device)
+    lse = torch.empty_like(ce)
     for s in range(0, len(z), chunk):
         logits = (z[s : s + chunk] @ weight.t()).float()
         y = target[s : s + chunk, None]
-        ce[s : s + chunk] = torch.logsumexp(logits, -1) - logits.gather(1, y).squeeze(1)
-    return ce
+        lse[s : s + chunk] = torch.logsumexp(logits, -1)
+        ce[s : s + chunk] = lse[s : s + chunk] - logits.gather(1, y).squeeze(1)
+    return ce, lse
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -294,23 +297,32 @@ class _FusedLinearCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, targets, slot_weights, chunk, weight, *zs):
-        dtype, need_w = weight.dtype, ctx.needs_input_grad[3]
+    def forward(ctx, targets, slot_weights, lses, chunk, weight, *zs):
+        """`lses`: each row's logsumexp when a CE pass already has it (saves a softmax), else None."""
+        dtype, need_w = weight.dtype, ctx.needs_input_grad[4]
         grad_w = (
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         )
         total = torch.zeros((), dtype=torch.float32, device=weight.device)
         ces, grad_zs = [], []
-        for z, y, w in zip(zs, targets, slot_weights):
+        for k, (z, y, w) in enumerate(zip(zs, targets, slot_weights)):
             ce = torch.empty(len(z), dtype=torch.float32, device=z.device)
             grad_z = torch.empty_like(z)
             for s in range(0, len(z), chunk):
-                zc, yc = z[s : s + chunk], y[s : s + chunk]
-                g = torch.log_softmax((zc @ weight.t()).float(), dim=-1)
-                ce[s : s + chunk] = -g.gather(1, yc[:, None]).squeeze(1)
-                g.exp_()  # softmax
-                g[torch.arange(len(yc), device=g.device), yc] -= 1
-                g = g.mul_(w[s : s + chunk, None]).to(dtype)
+                zc, yc, wc = z[s : s + chunk], y[s : s + chunk], w[s : s + chunk]
+                rows = torch.arange(len(yc), device=zc.device)
+                g = (zc @ weight.t()).float()
+                if lses is None:
+                    g = torch.log_softmax(g, dim=-1)
+                    ce[s : s + chunk] = -g[rows, yc]
+                    g.exp_()
+                    g.mul_(wc[:, None])
+                else:  # w·softmax in one pass: exp(logits - lse + log w), w > 0 on these rows
+                    lse = lses[k][s : s + chunk]
+                    ce[s : s + chunk] = lse - g[rows, yc]
+                    g.sub_((lse - wc.log())[:, None]).exp_()
+                g[rows, yc] -= wc
+                g = g.to(dtype)
                 grad_z[s : s + chunk] = g @ weight
                 if grad_w is None:
                     continue
@@ -332,7 +344,7 @@ class _FusedLinearCE(torch.autograd.Function):
     def backward(ctx, grad_total, _grad_ce):
         grad_w, *grad_zs = ctx.saved_tensors
         dw = None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype)
-        return (None, None, None, dw, *(g * grad_total.to(g.dtype) for g in grad_zs))
+        return (None, None, None, None, dw, *(g * grad_total.to(g.dtype) for g in grad_zs))
 
 
 def mtp_loss(
@@ -388,12 +400,13 @@ def _mtp_loss(model, input_ids, attention_mask, labels, weights, chunk_size, che
     y = labels.view(-1, H)
     valid = y != IGNORE
     ce = torch.zeros(B * S, H, dtype=torch.float32, device=labels.device)
+    lse = torch.zeros_like(ce)
 
     def fill_ce(slots: torch.Tensor) -> None:
-        """CE-only pass (no gradients) over the [B*S, H] mask `slots`, written into ce."""
+        """CE-only pass (no gradients) over the [B*S, H] mask `slots`, written into ce and lse."""
         for k in range(H):
             r = slots[:, k].nonzero().squeeze(1)
-            ce[r, k] = _linear_ce(zs[k][r].detach(), weight.detach(), y[r, k], chunk)
+            ce[r, k], lse[r, k] = _linear_ce(zs[k][r].detach(), weight.detach(), y[r, k], chunk)
 
     ce_known = callable(weights) and getattr(weights, "needs_ce", True)
     if ce_known:
@@ -413,6 +426,7 @@ def _mtp_loss(model, input_ids, attention_mask, labels, weights, chunk_size, che
         total, ce_live = _FusedLinearCE.apply(
             [y[r, k] for k, r in enumerate(rows)],
             [w[r, k] for k, r in enumerate(rows)],
+            [lse[r, k] for k, r in enumerate(rows)] if ce_known else None,
             chunk,
             weight,
             *(z[r] for z, r in zip(zs, rows)),

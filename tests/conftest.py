@@ -1,5 +1,6 @@
 """Shared fixtures: a real S3 API (moto server on 127.0.0.1) and isolated environments."""
 
+import json
 import os
 import socket
 import sys
@@ -87,3 +88,29 @@ def root(request, tmp_path):
         yield str(tmp_path / "root")
     else:
         yield request.getfixturevalue("s3") + "/root"
+
+
+def moto_auth(endpoint: str, count: bytes) -> None:
+    """Tell moto after how many requests it starts checking signatures ("0" = now, "inf" = off)."""
+    req = urllib.request.Request(
+        f"{endpoint}/moto-api/reset-auth",
+        data=count,
+        method="POST",
+        headers={"Content-Type": "text/plain"},
+    )
+    urllib.request.urlopen(req).read()
+
+
+def iam_user(endpoint: str, name: str, actions: list[str]) -> tuple[str, str]:
+    """A moto IAM user allowed only `actions` on every resource; returns its (key id, secret)."""
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
+    iam.create_user(UserName=name)
+    key = iam.create_access_key(UserName=name)["AccessKey"]
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}],
+    }
+    iam.put_user_policy(UserName=name, PolicyName="s3", PolicyDocument=json.dumps(policy))
+    return key["AccessKeyId"], key["SecretAccessKey"]

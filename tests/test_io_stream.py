@@ -11,14 +11,12 @@ import os
 import random
 import struct
 import tracemalloc
-import urllib.request
 
-import boto3
 import pytest
 import safetensors.torch
 import torch
 from botocore.exceptions import ClientError
-from conftest import BUCKET
+from conftest import BUCKET, iam_user, moto_auth
 
 import io_stream
 
@@ -116,17 +114,6 @@ def safetensors_file(header: dict, data: bytes, n: int | None = None) -> bytes:
     """Hand-built safetensors bytes: 8-byte little-endian length, JSON header, data."""
     raw = json.dumps(header).encode()
     return struct.pack("<Q", len(raw) if n is None else n) + raw + data
-
-
-def moto_auth(endpoint: str, count: bytes) -> None:
-    """Tell moto after how many requests it starts checking signatures ("0" = now, "inf" = off)."""
-    req = urllib.request.Request(
-        f"{endpoint}/moto-api/reset-auth",
-        data=count,
-        method="POST",
-        headers={"Content-Type": "text/plain"},
-    )
-    urllib.request.urlopen(req).read()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -698,18 +685,11 @@ def test_missing_bucket(s3):
 @pytest.fixture
 def enforce_auth(s3, s3_endpoint, boto):
     """moto checks signatures from now on; yields a real IAM user's (key id, secret)."""
-    iam = boto3.client("iam", endpoint_url=s3_endpoint, region_name="us-east-1")
-    iam.create_user(UserName="reader")
-    key = iam.create_access_key(UserName="reader")["AccessKey"]
-    policy = {
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
-    }
-    iam.put_user_policy(UserName="reader", PolicyName="s3", PolicyDocument=json.dumps(policy))
+    key_id, key_secret = iam_user(s3_endpoint, "reader", ["s3:*"])
     boto.put_object(Bucket=BUCKET, Key="d.jsonl", Body=b'{"a": 1}\n')
     moto_auth(s3_endpoint, b"0")
     try:
-        yield key["AccessKeyId"], key["SecretAccessKey"]
+        yield key_id, key_secret
     finally:
         moto_auth(s3_endpoint, b"inf")
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BUCKET, ROOT
+from conftest import BUCKET, ROOT, iam_user, moto_auth
 
 import io_stream
 import migrate
@@ -440,6 +440,27 @@ def test_verify_s3_missing_bucket(s3, capsys):
     assert all(" FAIL " in ln and "no such bucket 'no-such-bucket-here'" in ln for ln in lines), (
         lines
     )
+
+
+def test_verify_s3_access_denied(s3, s3_endpoint, boto, monkeypatch, capsys):
+    boto.put_object(Bucket=BUCKET, Key="team/run/user.txt", Body=b"not ours")
+    key_id, key_secret = iam_user(s3_endpoint, "read-only", ["s3:ListBucket", "s3:GetObject"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key_secret)
+    moto_auth(s3_endpoint, b"0")
+    try:
+        code = migrate.main(["verify-s3", f"{s3}/team/run", "--endpoint-url", s3_endpoint])
+    finally:
+        moto_auth(s3_endpoint, b"inf")
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 1, lines
+    verdicts = {ln.split()[0]: ln for ln in lines}
+    assert " PASS " in verdicts["list"] and "1 entries under" in verdicts["list"]
+    for name in ("put", "multipart"):
+        assert " FAIL " in verdicts[name] and ": access denied (" in verdicts[name], lines
+    assert " FAIL " in verdicts["get"] and " FAIL " in verdicts["delete"], lines
+    assert key_secret not in "\n".join(lines)
+    assert s3_keys(boto) == ["team/run/user.txt"]
 
 
 def test_verify_s3_unreachable_endpoint(s3, capsys):
