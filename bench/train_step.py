@@ -1,11 +1,14 @@
 """Optimizer-step time and peak RSS of each algorithm relative to baseline, on the same model and batch.
 
-    python bench/train_step.py [--dim 256 --layers 8 --vocab 8000 --batch 4 --seq 256 --steps 5 --repeat 2]
+    python bench/train_step.py [--dim 256 --layers 8 --vocab 8000 --batch 4 --seq 256 --rounds 15]
 
-Each (algorithm, repeat) runs in its own subprocess, round-robin; time is the fastest repeat's
-median step, RSS the largest peak. A step is exactly what train_mtp.py does per optimizer step:
-targets, the algorithm's weights (via the trainer's own weight function), mtp_loss, backward, clip,
-AdamW. For rho1 the reference model's forward is timed on its own and reported separately.
+Time: one process builds all four setups and runs them in rounds, one optimizer step of each
+algorithm per round in a rotating order, so that the noise of a shared machine falls on all of them
+alike; each ratio is the median over rounds of (step / baseline's step in the same round), with
+the 25th–75th percentile beside it. Peak RSS: each algorithm in its own subprocess (`ru_maxrss`).
+A step is exactly what train_mtp.py does per optimizer step: targets, the algorithm's weights (via
+the trainer's own weight function), mtp_loss, backward, clip, AdamW. For rho1 the reference
+model's forward is timed on its own and "(step − ref) / base" is the goal's figure.
 """
 
 import argparse
@@ -16,14 +19,16 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 ALGOS = ["baseline", "critic", "rho1-weighted", "rho1-tokenskip"]
 
 
-def one(algo: str, a: argparse.Namespace) -> dict:
-    """Time `a.steps` optimizer steps of `algo` in this process."""
+def make_step(algo: str, a: argparse.Namespace) -> Callable[[], tuple[float, float]]:
+    """Build `algo`'s model, optimizer and batch; return a function running one optimizer step and
+    returning (step seconds, reference-forward seconds)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -59,29 +64,38 @@ def one(algo: str, a: argparse.Namespace) -> dict:
     attn = torch.ones_like(ids)
     loss_mask = torch.ones_like(ids, dtype=torch.bool)
     loss_mask[:, : a.seq // 4] = False  # a prompt
-    times, ref_times = [], []
-    for i in range(a.steps + 2):
+
+    def step() -> tuple[float, float]:
         t0 = time.perf_counter()
         labels = mtp_targets(ids, loss_mask, 4)
-        ref_ce = None
+        ref_ce, ref_s = None, 0.0
         if ref is not None:
-            r0 = time.perf_counter()
             with torch.no_grad():
                 ref_ce = next_token_ce(ref(input_ids=ids, attention_mask=attn).logits.float(), ids)
-            ref_times.append(time.perf_counter() - r0)
+            ref_s = time.perf_counter() - t0
         weights = make_weight_fn(cfg, labels, ref_ce, value_head, False, {})
         loss, _ = mtp_loss(model, ids, labels, weights=weights, attention_mask=attn)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= 2:  # warm-up steps excluded
-            times.append(time.perf_counter() - t0)
-    return {
-        "step_s": statistics.median(times),
-        "ref_s": statistics.median(ref_times[2:]) if ref_times else 0.0,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+        return time.perf_counter() - t0, ref_s
+
+    return step
+
+
+def peak_rss(algo: str, a: argparse.Namespace) -> float:
+    """Peak RSS (MiB) of a process that runs 3 steps of `algo`."""
+    step = make_step(algo, a)
+    for _ in range(3):
+        step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    """25th percentile, median, 75th percentile."""
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[1], q[2]
 
 
 def main() -> None:
@@ -91,41 +105,49 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--repeat", type=int, default=2)
-    p.add_argument("--one", choices=ALGOS, help=argparse.SUPPRESS)
+    p.add_argument("--rounds", type=int, default=15, help="timed rounds after 2 warm-up rounds")
+    p.add_argument("--rss", choices=ALGOS, help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.one:
-        print(json.dumps(one(a.one, a)))
+    if a.rss:
+        print(json.dumps(peak_rss(a.rss, a)))
         return
-    args = [f"--{k}={v}" for k, v in vars(a).items() if k != "one"]
-    runs: dict[str, list[dict]] = {algo: [] for algo in ALGOS}
-    for _ in range(a.repeat):
-        for algo in ALGOS:
-            out = subprocess.run(
-                [sys.executable, __file__, "--one", algo, *args],
+    args = [f"--{k}={v}" for k, v in vars(a).items() if k != "rss"]
+    rss = {
+        algo: json.loads(
+            subprocess.run(
+                [sys.executable, __file__, "--rss", algo, *args],
                 capture_output=True,
                 text=True,
                 check=True,
-            )
-            runs[algo].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    best = {
-        algo: min(r, key=lambda x: x["step_s"])
-        | {"peak_rss_mib": max(x["peak_rss_mib"] for x in r)}
-        for algo, r in runs.items()
+            ).stdout.splitlines()[-1]
+        )
+        for algo in ALGOS
     }
-    base = best["baseline"]
+    steps = {algo: make_step(algo, a) for algo in ALGOS}
+    times: dict[str, list[tuple[float, float]]] = {algo: [] for algo in ALGOS}
+    for r in range(a.rounds + 2):
+        order = ALGOS[r % len(ALGOS) :] + ALGOS[: r % len(ALGOS)]
+        for algo in order:
+            t = steps[algo]()
+            if r >= 2:
+                times[algo].append(t)
+    base = [t for t, _ in times["baseline"]]
     print(
-        f"model dim {a.dim}, {a.layers} blocks (4 heads), vocab {a.vocab}, batch {a.batch}x{a.seq}; median of {a.steps} steps, best of {a.repeat}"
+        f"model dim {a.dim}, {a.layers} blocks (4 heads), vocab {a.vocab}, batch {a.batch}x{a.seq}; "
+        f"{a.rounds} interleaved rounds"
     )
     print(
-        f"{'algo':16} {'step s':>8} {'x base':>7} {'ref fwd s':>9} {'(step-ref) x base':>18} {'peak RSS MiB':>13} {'x base':>7}"
+        f"{'algo':16} {'step s':>7} {'ref s':>6} {'x base':>6} "
+        f"{'(step-ref) x base [p25-p75]':>28} {'peak RSS MiB':>13} {'x base':>6}"
     )
-    for algo, r in best.items():
-        own = (r["step_s"] - r["ref_s"]) / base["step_s"]
+    for algo in ALGOS:
+        ts = times[algo]
+        total = statistics.median(t for t, _ in ts)
+        ref = statistics.median(r for _, r in ts)
+        lo, mid, hi = quartiles([(t - r) / b for (t, r), b in zip(ts, base)])
         print(
-            f"{algo:16} {r['step_s']:8.3f} {r['step_s'] / base['step_s']:7.2f} {r['ref_s']:9.3f} {own:18.2f} "
-            f"{r['peak_rss_mib']:13.0f} {r['peak_rss_mib'] / base['peak_rss_mib']:7.2f}"
+            f"{algo:16} {total:7.3f} {ref:6.3f} {total / statistics.median(base):6.2f} "
+            f"{mid:15.2f} [{lo:.2f}-{hi:.2f}] {rss[algo]:13.0f} {rss[algo] / rss['baseline']:6.2f}"
         )
 
 
