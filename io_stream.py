@@ -313,6 +313,45 @@ class _S3AtomicWriter(io.RawIOBase):
         self.abort()  # only an explicit close() publishes the object
 
 
+class _S3Reader(io.RawIOBase):
+    """Seekable S3 object whose readinto fills the caller's buffer by ranged GETs (several in
+    flight for a large buffer), each pinned to the ETag seen at open."""
+
+    def __init__(self, uri: str):
+        info = _s3_call(uri, s3_filesystem().info, uri)
+        if info.get("type") == "directory":
+            raise IsADirectoryError(f"is a folder, not a file: {uri}")
+        self.uri, self.pos = uri, 0
+        self.size, self.etag = int(info["size"]), info.get("ETag")
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
+        return self.pos
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), self.size - self.pos))
+        if n:
+            view = torch.frombuffer(memoryview(b).cast("B")[:n], dtype=torch.uint8)
+            _s3_read_ranges(self.uri, [(view, self.pos, self.pos + n)], self.etag)
+            self.pos += n
+        return n
+
+    def readall(self) -> bytes:
+        """The rest of the object in one parallel fetch (RawIOBase would GET it 8 KiB at a time)."""
+        buf = bytearray(max(0, self.size - self.pos))
+        self.readinto(buf)
+        return bytes(buf)
+
+
 def open_stream(path: str, mode: str = "rb", *, block_size: int | None = None):
     """Open a local file or S3 object; reads are bounded ranged GETs, writes are atomic.
 
@@ -333,10 +372,9 @@ def open_stream(path: str, mode: str = "rb", *, block_size: int | None = None):
             raise IsADirectoryError(f"is a folder, not a file: {p}") from None
     if mode == "wb":
         return _S3AtomicWriter(p, block_size or PART_SIZE)
-    raw = _s3_call(p, s3_filesystem().open, p, "rb", cache_type="none")
-    # fsspec's own readline fetches a whole block per call; a BufferedReader makes lines
-    # cheap and turns each refill into one ranged GET of block_size bytes
-    return io.BufferedReader(raw, buffer_size=block_size or BLOCK_SIZE)
+    # small reads and lines come from the buffer, each refill one ranged GET of block_size bytes;
+    # a read larger than the buffer goes straight into the caller's memory by parallel GETs
+    return io.BufferedReader(_S3Reader(p), buffer_size=block_size or BLOCK_SIZE)
 
 
 def file_size(path: str) -> int:
@@ -582,7 +620,7 @@ def read_safetensors(
                         raise ValueError(f"{p}: file ended early (truncated)")
                     got += k
         else:
-            _s3_read_ranges(p, jobs, f.raw.details.get("ETag"))
+            _s3_read_ranges(p, jobs, f.raw.etag)
     result = {}
     for name, (buf, info) in out.items():
         dtype = DTYPES[info["dtype"]]

@@ -8,7 +8,6 @@ RMSNorm and the unembedding. Head k at position t predicts token t+k+1.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 
@@ -510,36 +509,6 @@ def weights_nbytes(path: str) -> int:
     return total
 
 
-class _S3Ranges(io.RawIOBase):
-    """Seekable S3 object; readinto fills the caller's buffer by parallel ranged GETs."""
-
-    def __init__(self, uri: str):
-        self.uri, self.pos = uri, 0
-        info = io_stream._s3_call(uri, io_stream.s3_filesystem().info, uri)
-        self.size, self.etag = int(info["size"]), info.get("ETag")
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
-        return self.pos
-
-    def readinto(self, b) -> int:
-        n = max(0, min(len(b), self.size - self.pos))
-        if n:
-            view = torch.frombuffer(memoryview(b).cast("B")[:n], dtype=torch.uint8)
-            io_stream._s3_read_ranges(self.uri, [(view, self.pos, self.pos + n)], self.etag)
-            self.pos += n
-        return n
-
-
 def _load_pth(path: str) -> dict[str, torch.Tensor]:
     """A weights-only .pth state dict: memory-mapped when local, from a seekable stream on S3."""
     kind, p = io_stream.resolve(path)
@@ -549,7 +518,7 @@ def _load_pth(path: str) -> dict[str, torch.Tensor]:
         else:
             # torch.load reads each tensor record with one big readinto, which bypasses the
             # buffer and is filled by parallel GETs; the small zip-header reads hit the buffer
-            with io.BufferedReader(_S3Ranges(p), buffer_size=2**20) as f:
+            with io_stream.open_stream(p, block_size=2**20) as f:
                 sd = torch.load(f, map_location="cpu", weights_only=True)
     except OSError:
         raise

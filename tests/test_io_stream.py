@@ -215,6 +215,32 @@ def test_s3_reads_are_bounded_ranges(s3, boto, s3_requests):
     assert len(spans) == -(-len(data) // block)  # each byte fetched once, block by block
 
 
+def test_s3_large_read_goes_straight_into_the_buffer(s3, boto, s3_requests):
+    data = os.urandom(2 * io_stream.BLOCK_SIZE + 999)
+    boto.put_object(Bucket=BUCKET, Key="big.bin", Body=data)
+    with io_stream.open_stream(f"{s3}/big.bin", block_size=2**16) as f:
+        assert f.read(10) == data[:10]  # one small GET fills the 64 KiB buffer
+        got = bytearray(len(data) - 10)
+        assert f.readinto(got) == len(got)  # larger than the buffer: ranged GETs into `got`
+        assert f.read() == b""
+    assert bytes(got) == data[10:]
+    spans = ranges(s3_requests)
+    assert spans[0] == (0, 2**16 - 1)
+    assert all(last - first + 1 <= io_stream.BLOCK_SIZE for first, last in spans)
+    fetched = sum(last - first + 1 for first, last in spans)
+    assert fetched <= len(data) + 2**16  # nothing read twice beyond the first buffer
+    assert io_stream.read_bytes(f"{s3}/big.bin") == data  # read() to the end, also by ranges
+
+
+def test_s3_object_replaced_mid_read_fails(s3, boto):
+    boto.put_object(Bucket=BUCKET, Key="d.jsonl", Body=b'{"v": 1}\n' * 100_000)
+    with io_stream.open_stream(f"{s3}/d.jsonl", block_size=2**16) as f:
+        assert f.readline() == b'{"v": 1}\n'
+        boto.put_object(Bucket=BUCKET, Key="d.jsonl", Body=b'{"v": 2}\n' * 100_000)
+        with pytest.raises(OSError, match="changed while it was being read"):
+            f.read(2**20)  # every GET is pinned to the ETag seen at open: no mixed versions
+
+
 def test_iter_records_on_s3_fetches_blocks(s3, boto, s3_requests):
     lines = [{"i": i, "text": "x" * 1000} for i in range(10_000)]  # ~10 MiB
     body = "".join(json.dumps(r) + "\n" for r in lines).encode()
