@@ -14,6 +14,7 @@ import re
 import torch
 from accelerate import init_empty_weights
 from torch import nn
+from torch.serialization import skip_data
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaModel
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import (
@@ -376,7 +377,11 @@ class RewardModel(nn.Module):
 
 KINDS = ("mtp", "causal", "reward")
 PTH = re.compile(r"consolidated\.(\d+)\.pth")
-HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+# an HF folder's weights: one file or a sharded set with its index; safetensors preferred
+HF_WEIGHTS = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
 META_BLOCK = {  # Meta block key -> HF LlamaDecoderLayer key
     "attention.wq.weight": "self_attn.q_proj.weight",
     "attention.wk.weight": "self_attn.k_proj.weight",
@@ -443,7 +448,7 @@ def _shapes(model: nn.Module) -> dict[str, tuple]:
 def detect_format(path: str, names: list[str]) -> str:
     """'kit', 'meta' or 'hf' from the files present in a model folder."""
     has = set(names)
-    hf = "config.json" in has and bool(has & set(HF_WEIGHTS))
+    hf = "config.json" in has and any(has & set(pair) for pair in HF_WEIGHTS)
     if hf and {MTP_JSON, HEADS_FILE} <= has:
         return "kit"
     if "params.json" in has and any(PTH.fullmatch(n) for n in names):
@@ -454,7 +459,8 @@ def detect_format(path: str, names: list[str]) -> str:
         raise FileNotFoundError(f"{path}: no such folder, or it is empty")
     raise ValueError(
         f"{path}: no model found (files: {_short(names)}); expected params.json + consolidated.NN.pth "
-        f"(Meta native) or config.json + model.safetensors[.index.json] (Hugging Face / this kit)"
+        f"(Meta native) or config.json + model.safetensors[.index.json] or pytorch_model.bin[.index.json] "
+        f"(Hugging Face / this kit)"
     )
 
 
@@ -500,20 +506,27 @@ def load_model(
 
 
 def weights_nbytes(path: str) -> int:
-    """Bytes of an HF folder's safetensors weights, from the headers alone."""
+    """Bytes of an HF folder's weights, from the safetensors headers or the .bin file sizes."""
     _, path = io_stream.resolve(path)
     total = 0
     for file in {f for f, _ in _weight_headers(path).values()}:
-        header, _, _ = io_stream.read_safetensors_header(file)
-        total += sum(e - b for b, e in (info["data_offsets"] for info in header.values()))
+        if file.endswith(".bin"):  # a zip of one record per storage: its size, give or take KiB
+            total += io_stream.file_size(file)
+        else:
+            header, _, _ = io_stream.read_safetensors_header(file)
+            total += sum(e - b for b, e in (info["data_offsets"] for info in header.values()))
     return total
 
 
-def _load_pth(path: str) -> dict[str, torch.Tensor]:
-    """A weights-only .pth state dict: memory-mapped when local, from a seekable stream on S3."""
+def _load_pth(path: str, *, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """A weights-only .pth/.bin state dict: memory-mapped when local, from a seekable stream on
+    S3; with shapes_only, meta tensors read from the pickle alone (no tensor bytes fetched)."""
     kind, p = io_stream.resolve(path)
     try:
-        if kind == "local":
+        if shapes_only:
+            with io_stream.open_stream(p, block_size=2**16) as f, skip_data():
+                sd = torch.load(f, map_location="meta", weights_only=True)
+        elif kind == "local":
             sd = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
         else:
             # torch.load reads each tensor record with one big readinto, which bypasses the
@@ -685,25 +698,37 @@ def _llama_config(path: str) -> LlamaConfig:
     return config
 
 
+def _weight_files(path: str) -> list[str]:
+    """Names of an HF folder's weight files: model.safetensors, pytorch_model.bin, or the shards
+    an index lists."""
+    names = set(io_stream.list_dir(path))
+    for index, single in HF_WEIGHTS:
+        if index in names:
+            index_path = io_stream.join(path, index)
+            weight_map = _read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index_path}: no weight_map object")
+            return list(dict.fromkeys(weight_map.values()))
+        if single in names:
+            return [single]
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin (or an index)")
+
+
 def _weight_headers(path: str, extra: tuple[str, ...] = ()) -> dict[str, tuple[str, tuple]]:
-    """{tensor name: (safetensors file, shape)} over an HF folder's weight files (and extra files)."""
-    names = io_stream.list_dir(path)
-    if "model.safetensors.index.json" in names:
-        index_path = io_stream.join(path, "model.safetensors.index.json")
-        weight_map = _read_json(index_path).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index_path}: no weight_map object")
-        files = list(dict.fromkeys(weight_map.values()))
-    else:
-        files = ["model.safetensors"]
+    """{tensor name: (weight file, shape)} over an HF folder's weight files (and extra files),
+    from safetensors headers and .bin pickles, without reading tensor bytes."""
     headers: dict[str, tuple[str, tuple]] = {}
-    for name in [*files, *extra]:
+    for name in [*_weight_files(path), *extra]:
         file = io_stream.join(path, name)
-        header, _, _ = io_stream.read_safetensors_header(file)
-        for key, info in header.items():
+        if name.endswith(".bin"):
+            shapes = {k: tuple(t.shape) for k, t in _load_pth(file, shapes_only=True).items()}
+        else:
+            header, _, _ = io_stream.read_safetensors_header(file)
+            shapes = {k: tuple(info["shape"]) for k, info in header.items()}
+        for key, shape in shapes.items():
             if key in headers:
                 raise ValueError(f"{file}: tensor {key!r} is also in {headers[key][0]}")
-            headers[key] = (file, tuple(info["shape"]))
+            headers[key] = (file, shape)
     return headers
 
 
@@ -718,7 +743,10 @@ def _read_tensors(
     if device.type == "meta":  # meta_weights: shapes only, no bytes read
         return {m: torch.empty(headers[f][1], dtype=dtype, device="meta") for f, m in names.items()}
     for file, pairs in by_file.items():
-        got = io_stream.read_safetensors(file, keys=[k for k, _ in pairs])
+        if file.endswith(".bin"):  # a pickle: every tensor comes along, the unused ones are dropped
+            got = _load_pth(file)
+        else:
+            got = io_stream.read_safetensors(file, keys=[k for k, _ in pairs])
         for file_key, model_key in pairs:
             out[model_key] = _place(got.pop(file_key), dtype, device)
     return out

@@ -31,6 +31,7 @@ from wmtp_model import (
     load_tokenizer,
     same_tokenizer,
     save_model,
+    weights_nbytes,
 )
 
 
@@ -192,6 +193,32 @@ def test_loading_from_s3_makes_no_temp_files(s3, monkeypatch):
     assert load_model(s3 + "/hf", n_heads=2).n_heads == 2
 
 
+def test_bin_shapes_come_from_the_pickle_alone(s3, tmp_path):
+    # meta_weights ranks and the FSDP size rule read only the pickle, never the tensor bytes
+    state = write_reward_model(s3 + "/rm", "starling", weights="bin", dim=256, ffn_dim=512)
+    write_reward_model(str(tmp_path), "starling", weights="safetensors", dim=256, ffn_dim=512)
+    fetched = []
+
+    def record(request, **kwargs):
+        first, last = request.headers["Range"].decode().removeprefix("bytes=").split("-")
+        fetched.append(int(last) - int(first) + 1)
+
+    io_stream.s3_filesystem().s3.meta.events.register("before-send.s3.GetObject", record)
+    size = io_stream.file_size(s3 + "/rm/pytorch_model.bin")
+    rm = load_model(s3 + "/rm", kind="reward", meta_weights=True)
+    assert all(p.is_meta for p in rm.parameters())
+    nbytes = weights_nbytes(s3 + "/rm")
+    unique = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state.values()}
+    # small reads of the zip's directory and each record's header through a 64 KiB buffer; a
+    # tensor's bytes would come as one large read
+    assert max(fetched) <= 2**16 and sum(fetched) <= (len(unique) + 8) * 2**16, fetched
+    assert sum(fetched) < size / 2, (sum(fetched), size)
+    # the trunk is stored once (aliases share storage), so the .bin holds about half of what the
+    # safetensors copy does; the size rule counts what the file holds
+    assert sum(unique.values()) <= nbytes <= sum(unique.values()) + 2**16
+    assert weights_nbytes(str(tmp_path)) == sum(t.nbytes for t in state.values())
+
+
 def test_dtype_argument_casts_while_loading(tmp_path):
     write_meta_native(str(tmp_path), H=2)
     model = load_model(str(tmp_path), dtype=torch.bfloat16)
@@ -203,10 +230,11 @@ def test_dtype_argument_casts_while_loading(tmp_path):
 # Hugging Face folders
 
 
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
 @pytest.mark.parametrize("shards", [1, 2])
-def test_hf_llama_as_causal_and_as_mtp(tmp_path, shards):
+def test_hf_llama_as_causal_and_as_mtp(tmp_path, shards, weights):
     folder = str(tmp_path / "hf")
-    write_hf_llama(folder, shards=shards)
+    write_hf_llama(folder, shards=shards, weights=weights)
     truth = LlamaForCausalLM.from_pretrained(folder).eval()(IDS).logits
     causal = load_model(folder, kind="causal").eval()
     assert isinstance(causal, LlamaForCausalLM)
@@ -281,8 +309,9 @@ def test_seqcls_reward_equals_transformers(tmp_path):
     torch.testing.assert_close(rewards, truth[:, 0], rtol=1e-5, atol=1e-5)
 
 
-def test_starling_reward_from_s3_follows_its_model_card(s3):
-    state = write_reward_model(s3 + "/rm", "starling", seed=5)
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
+def test_starling_reward_from_s3_follows_its_model_card(s3, weights):
+    state = write_reward_model(s3 + "/rm", "starling", seed=5, weights=weights)
     rm = load_model(s3 + "/rm", kind="reward")
     ids = IDS.clone()
     ids[0, 4:] = 258

@@ -223,31 +223,46 @@ def write_hf_folder(
     *,
     shards: int = 1,
     tokenizer: Tokenizer | None = None,
+    weights: str = "safetensors",
 ) -> None:
-    """Write config.json and model.safetensors (or shards + model.safetensors.index.json)."""
+    """Write config.json and model.safetensors (or shards + model.safetensors.index.json); with
+    weights="bin" the same as PyTorch pickles, pytorch_model.bin[.index.json], via torch.save."""
     config_dict = config.to_dict() | {"architectures": [architecture]}
     io_stream.write_bytes(json.dumps(config_dict).encode(), io_stream.join(folder, "config.json"))
+    stem, ext = ("model", "safetensors") if weights == "safetensors" else ("pytorch_model", "bin")
+
+    def write(part: dict[str, torch.Tensor], name: str) -> None:
+        if weights == "safetensors":
+            io_stream.write_safetensors(part, io_stream.join(folder, name), {"format": "pt"})
+        else:
+            with io_stream.open_stream(io_stream.join(folder, name), "wb") as f:
+                torch.save(part, f)
+
     keys = list(state)
     if shards == 1:
-        io_stream.write_safetensors(
-            state, io_stream.join(folder, "model.safetensors"), {"format": "pt"}
-        )
+        write(state, f"{stem}.{ext}")
     else:
         weight_map = {}
         for s in range(shards):
-            name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            name = f"{stem}-{s + 1:05d}-of-{shards:05d}.{ext}"
             part = {k: state[k] for k in keys[s::shards]}
-            io_stream.write_safetensors(part, io_stream.join(folder, name), {"format": "pt"})
+            write(part, name)
             weight_map |= dict.fromkeys(part, name)
         index = {"metadata": {}, "weight_map": weight_map}
         io_stream.write_bytes(
-            json.dumps(index).encode(), io_stream.join(folder, "model.safetensors.index.json")
+            json.dumps(index).encode(), io_stream.join(folder, f"{stem}.{ext}.index.json")
         )
     write_tokenizer(folder, tokenizer)
 
 
 def write_hf_llama(
-    folder: str, *, shards: int = 1, seed: int = 0, tokenizer: Tokenizer | None = None, **config
+    folder: str,
+    *,
+    shards: int = 1,
+    seed: int = 0,
+    tokenizer: Tokenizer | None = None,
+    weights: str = "safetensors",
+    **config,
 ) -> dict[str, torch.Tensor]:
     """Write a tiny random LlamaForCausalLM folder; returns its state dict."""
     torch.manual_seed(seed)
@@ -257,7 +272,13 @@ def write_hf_llama(
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
     write_hf_folder(
-        folder, state, model.config, "LlamaForCausalLM", shards=shards, tokenizer=tokenizer
+        folder,
+        state,
+        model.config,
+        "LlamaForCausalLM",
+        shards=shards,
+        tokenizer=tokenizer,
+        weights=weights,
     )
     return state
 
@@ -278,10 +299,12 @@ def write_reward_model(
     *,
     seed: int = 0,
     tokenizer: Tokenizer | None = None,
+    weights: str = "safetensors",
     **config,
 ) -> dict[str, torch.Tensor]:
     """Write a tiny reward model: HF LlamaForSequenceClassification ("seqcls") or a Starling-RM
-    GPTRewardModel state dict ("starling", trunk saved twice as transformer.* and model.model.*)."""
+    GPTRewardModel state dict ("starling", trunk saved twice as transformer.* and model.model.*;
+    as the released pytorch_model.bin the two share storage, in safetensors they are copies)."""
     torch.manual_seed(seed)
     if layout == "seqcls":
         cfg = tiny_llama_config(num_labels=1, pad_token_id=258, **config)
@@ -292,6 +315,8 @@ def write_reward_model(
     else:
         raise ValueError(f"unknown reward layout {layout!r}")
     randomize(model, seed)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    write_hf_folder(folder, state, cfg, architecture, tokenizer=tokenizer)
+    state = model.state_dict()
+    if weights == "safetensors":
+        state = {k: v.clone() for k, v in state.items()}
+    write_hf_folder(folder, state, cfg, architecture, tokenizer=tokenizer, weights=weights)
     return state
