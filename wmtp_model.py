@@ -509,7 +509,7 @@ def weights_nbytes(path: str) -> int:
     """Bytes of an HF folder's weights, from the safetensors headers or the .bin file sizes."""
     _, path = io_stream.resolve(path)
     total = 0
-    for file in {f for f, _ in _weight_headers(path).values()}:
+    for file in (io_stream.join(path, name) for name in _weight_files(path)):
         if file.endswith(".bin"):  # a zip of one record per storage: its size, give or take KiB
             total += io_stream.file_size(file)
         else:
@@ -520,7 +520,8 @@ def weights_nbytes(path: str) -> int:
 
 def _load_pth(path: str, *, shapes_only: bool = False) -> dict[str, torch.Tensor]:
     """A weights-only .pth/.bin state dict: memory-mapped when local, from a seekable stream on
-    S3; with shapes_only, meta tensors read from the pickle alone (no tensor bytes fetched)."""
+    S3; with shapes_only, meta tensors from the pickle alone (the zip directory and record
+    headers are read, no tensor record)."""
     kind, p = io_stream.resolve(path)
     try:
         if shapes_only:
