@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 import io
 import json
 import math
 import os
+import random
 import re
-import tempfile
+import secrets
+import sys
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlparse
 
@@ -26,7 +32,7 @@ import torch
 
 BLOCK_SIZE = 8 * 2**20  # bytes per ranged GET
 PART_SIZE = 16 * 2**20  # bytes per multipart part (up to 160 GB in S3's 10,000 parts)
-MAX_IN_FLIGHT = 8  # concurrent ranged GETs in read_safetensors
+MAX_IN_FLIGHT = 32  # concurrent ranged GETs of a large read (S3's ~30 ms first byte: BENCHMARKS.md)
 MAX_HEADER = 100 * 2**20  # safetensors header size cap
 MIN_PART = 5 * 2**20  # S3's smallest multipart part (all but the last)
 HEADER_PROBE = 64 * 2**10  # first GET of a safetensors file: the length and most headers
@@ -37,16 +43,41 @@ TENSORS = "tensors.safetensors"
 # Locations
 
 
+def _package_path(p: str) -> str:
+    """pkg:<package or module>/<rel> -> <folder of that installed package or module>/<rel>."""
+    import importlib.util
+
+    name, _, rel = p[len("pkg:") :].partition("/")
+    try:
+        spec = importlib.util.find_spec(name) if name else None
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not (spec.submodule_search_locations or spec.origin):
+        raise FileNotFoundError(f"{p}: no installed package or module named {name!r}")
+    if spec.submodule_search_locations:  # a package: its folder
+        folder = list(spec.submodule_search_locations)[0]
+    else:  # a top-level module such as wmtp.py: the folder it sits in
+        folder = os.path.dirname(spec.origin)
+    return os.path.join(folder, rel)
+
+
 def resolve(path: str | os.PathLike) -> tuple[str, str]:
-    """Return ("s3", "s3://bucket/key") or ("local", absolute path); other schemes are an error."""
+    """Return ("s3", "s3://bucket/key") or ("local", absolute path); other schemes are an error.
+
+    `pkg:<package>/<rel>` names a file shipped inside an installed package (its folder) or beside
+    a top-level module (`pkg:wmtp/data/mbpp` is the kit's own copy of MBPP)."""
     p = os.fspath(path)
     if not isinstance(p, str) or not p:
         raise ValueError(f"not a path: {path!r}")
+    if p.startswith("pkg:"):
+        return "local", os.path.abspath(_package_path(p))
     scheme = urlparse(p).scheme if "://" in p else ""
     if scheme == "s3":
         parts = p[len("s3://") :]
         if not parts or parts.startswith("/"):
             raise ValueError(f"S3 URI has no bucket: {p}")
+        if "?versionId=" in parts:  # s3fs would cut it off and read or overwrite the latest version
+            raise ValueError(f"{p}: S3 version ids are not supported; name the object by its key")
         return "s3", "s3://" + parts.rstrip("/")
     if scheme == "file":
         return "local", os.path.abspath(os.path.expanduser(p[len("file://") :]))
@@ -66,19 +97,60 @@ def join(base: str, *names: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # S3 settings and errors
 
-_s3_settings: dict[str, str | None] = {"endpoint_url": None, "region": None, "profile": None}
+CONNECT_TIMEOUT = 10.0  # seconds to open a connection to the S3 endpoint
+READ_TIMEOUT = 20.0  # seconds an open connection may stay silent before the request is retried
+RETRIES = 3  # retries of a failed request, and resumes of one ranged GET, before giving up
+
+_s3_settings: dict[str, Any] = {
+    "endpoint_url": None,
+    "region": None,
+    "profile": None,
+    "connect_timeout": CONNECT_TIMEOUT,
+    "read_timeout": READ_TIMEOUT,
+    "retries": RETRIES,
+    "max_concurrency": None,  # None: MAX_IN_FLIGHT
+    "block_size": None,  # None: BLOCK_SIZE
+    "fallback_root": None,  # None: WMTP_S3_FALLBACK, else no fallback
+}
 _s3_fs: dict[tuple, Any] = {}
 _s3_lock = threading.Lock()
 
 
 def configure_s3(
-    endpoint_url: str | None = None, region: str | None = None, profile: str | None = None
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    profile: str | None = None,
+    *,
+    connect_timeout: float | None = None,
+    read_timeout: float | None = None,
+    retries: int | None = None,
+    max_concurrency: int | None = None,
+    block_size: int | None = None,
+    fallback_root: str | None = None,
 ) -> None:
-    """Set S3 endpoint/region/profile (None falls back to the standard AWS environment)."""
+    """Set S3 endpoint/region/profile (None: the standard AWS environment), connect/read timeouts
+    in seconds and retries (None: CONNECT_TIMEOUT, READ_TIMEOUT, RETRIES), the ranged GETs in
+    flight and bytes per GET of large reads (None: MAX_IN_FLIGHT, BLOCK_SIZE), and the local
+    mirror that reads fall back to when S3 is down (None: WMTP_S3_FALLBACK, else none)."""
+    if fallback_root and resolve(fallback_root)[0] != "local":
+        raise ValueError(f"s3.fallback_root must be a local folder, not {fallback_root}")
+    for name, value in (("max_concurrency", max_concurrency), ("block_size", block_size)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"s3.{name} must be a positive integer, not {value!r}")
     _s3_settings.update(
-        endpoint_url=endpoint_url or None, region=region or None, profile=profile or None
+        max_concurrency=max_concurrency,
+        block_size=block_size,
+        endpoint_url=endpoint_url or None,
+        region=region or None,
+        profile=profile or None,
+        connect_timeout=CONNECT_TIMEOUT if connect_timeout is None else float(connect_timeout),
+        read_timeout=READ_TIMEOUT if read_timeout is None else float(read_timeout),
+        retries=RETRIES if retries is None else int(retries),
+        fallback_root=fallback_root or None,
     )
     _s3_fs.clear()
+    _s3_down.clear()
+    _fallback_reads.clear()
 
 
 def s3_options() -> dict:
@@ -97,9 +169,12 @@ def s3_options() -> dict:
         "endpoint_url": endpoint,
         "profile": _s3_settings["profile"] or os.environ.get("AWS_PROFILE"),
         "client_kwargs": {"region_name": region} if region else {},
-        "config_kwargs": {
-            "connect_timeout": 10,
-            "retries": {"max_attempts": 3, "mode": "standard"},
+        "config_kwargs": {  # botocore retries failed requests with backoff; s3fs does not
+            "connect_timeout": _s3_settings["connect_timeout"],
+            "read_timeout": _s3_settings["read_timeout"],
+            "retries": {"total_max_attempts": _s3_settings["retries"] + 1, "mode": "standard"},
+            # aiobotocore's pool holds 10 connections by default: fewer than the GETs in flight
+            "max_pool_connections": max(10, _s3_settings["max_concurrency"] or MAX_IN_FLIGHT),
         },
         "use_listings_cache": False,
     }
@@ -113,12 +188,16 @@ def s3_filesystem():
     key = (opts["endpoint_url"], opts["profile"], str(opts["client_kwargs"]), os.getpid())
     with _s3_lock:
         if key not in _s3_fs:
-            _s3_fs[key] = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
+            fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
+            fs.retries = 1  # its own retry loop would multiply botocore's attempts (and timeouts)
+            _s3_fs[key] = fs
         return _s3_fs[key]
 
 
 def _s3_error(uri: str, exc: BaseException) -> Exception:
     """Turn an s3fs/botocore failure into one clear exception naming the URI and no secret."""
+    if str(exc).startswith(f"{uri}: "):  # made here already (e.g. a ranged GET out of retries)
+        return exc
     # s3fs re-raises botocore's ClientError as OSError; the S3 error code stays on the cause
     response = getattr(exc, "response", None) or getattr(exc.__cause__, "response", None) or {}
     code = response.get("Error", {}).get("Code", "")
@@ -157,9 +236,49 @@ def _s3_error(uri: str, exc: BaseException) -> Exception:
         or status == 404
     ):
         return FileNotFoundError(f"{uri}: no such object")
-    if any(s in probe for s in ("Connect", "EndpointConnectionError", "Cannot connect", "Timeout")):
-        return ConnectionError(f"{uri}: S3 endpoint unreachable ({_s3_endpoint_label()})")
+    label, tries = _s3_endpoint_label(), f"s3.retries: {_s3_settings['retries']}"
+    if "ConnectTimeout" in types:
+        wait = _s3_settings["connect_timeout"]
+        return ConnectionError(
+            f"{uri}: no connection to the S3 endpoint ({label}) within {wait:g} s "
+            f"(s3.connect_timeout; {tries})"
+        )
+    if "Timeout" in types:
+        wait = _s3_settings["read_timeout"]
+        return ConnectionError(
+            f"{uri}: the S3 endpoint ({label}) sent nothing for {wait:g} s "
+            f"(s3.read_timeout; {tries})"
+        )
+    if any(s in probe for s in ("Connect", "EndpointConnectionError", "Cannot connect")):
+        return ConnectionError(f"{uri}: S3 endpoint unreachable ({label})")
+    if isinstance(status, int) and status >= 500:  # botocore retried it s3.retries times
+        what = f"{status} {code}" if code and code != str(status) else str(status)
+        return ConnectionError(f"{uri}: S3 answered {what} ({tries})")
+    causes = [e for e in (exc.__cause__, exc.__context__, exc) if e is not None]
+    broken = next((e for e in causes if isinstance(e, _network_errors())), None)
+    if broken is not None:
+        return ConnectionError(f"{uri}: network error talking to S3 ({label}): {_why(broken)}")
     return OSError(f"{uri}: S3 error: {code or type(exc).__name__}")
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Exception types of a broken connection or a silent socket: the request may work again."""
+    import aiohttp
+    from botocore.exceptions import HTTPClientError, IncompleteReadError
+
+    return (
+        ConnectionError,
+        TimeoutError,
+        aiohttp.ClientError,
+        HTTPClientError,
+        IncompleteReadError,
+    )
+
+
+def _why(exc: BaseException) -> str:
+    """Exception type and the first line of its message, without URLs, for a one-line error."""
+    lines = re.sub(r"\S+://\S*", "", str(exc)).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:160]}" if lines else type(exc).__name__
 
 
 def _s3_endpoint_label() -> str:
@@ -183,40 +302,140 @@ def _s3_call(uri: str, fn, *args, **kwargs):
         raise
 
 
+def s3_outage(uri: str, exc: BaseException) -> ConnectionError | None:
+    """The ConnectionError that `exc` amounts to when S3 failed for a reason retries cannot fix
+    (endpoint unreachable, timeouts or 5xx retries exhausted), also when it is a
+    torch.distributed.checkpoint CheckpointException whose every failure is one; else None."""
+    failures = getattr(exc, "failures", None)  # CheckpointException: {rank: (exception, trace)}
+    causes = [f[0] for f in failures.values()] if isinstance(failures, dict) else [exc]
+    found = []
+    for cause in causes:
+        if not isinstance(cause, ConnectionError) and isinstance(cause, Exception):
+            cause = _s3_error(uri, cause)
+        if not isinstance(cause, ConnectionError):
+            return None
+        found.append(cause)
+    return found[0] if found else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Fallback: a local mirror of S3 (`<fallback_root>/bucket/key`) read when S3 is down
+
+FALLBACK_RECHECK_S = 60.0  # after S3 failed for good, reads skip it (and its timeouts) this long
+
+_s3_down: dict[str, tuple[float, str]] = {}  # endpoint -> (time.monotonic() it failed, why)
+_fallback_reads: dict[str, str] = {}  # s3:// URI -> the local copy read instead
+
+
+def fallback_root() -> str | None:
+    """The local mirror that S3 reads fall back to: s3.fallback_root, else WMTP_S3_FALLBACK."""
+    root = _s3_settings["fallback_root"] or os.environ.get("WMTP_S3_FALLBACK")
+    if not root:
+        return None
+    kind, p = resolve(root)
+    if kind != "local":
+        raise ValueError(f"s3.fallback_root / WMTP_S3_FALLBACK must be a local folder, not {root}")
+    return p
+
+
+def fallback_path(uri: str, *, writing: bool = False) -> str | None:
+    """`<fallback_root>/bucket/key` for an s3:// URI; None without a fallback root, for a local
+    path, for a key with `.`/`..` parts, or (unless `writing`) for a bucket the mirror lacks."""
+    root = fallback_root()
+    kind, p = resolve(uri)
+    if root is None or kind != "s3":
+        return None
+    parts = p[len("s3://") :].split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return None
+    if not writing and not os.path.isdir(os.path.join(root, parts[0])):
+        return None
+    return os.path.join(root, *parts)
+
+
+def fallback_used() -> list[tuple[str, str]]:
+    """(s3:// URI, local copy) of every read this process took from the fallback, in order."""
+    return list(_fallback_reads.items())
+
+
+def _s3_or_fallback(uri: str, s3_read: Callable[[], Any], local_read: Callable[[str], Any]):
+    """s3_read(), or local_read(`<fallback_root>/bucket/key`) when S3 fails for a reason retries
+    cannot fix (a ConnectionError; a missing object or a refused permission stays an error).
+    For FALLBACK_RECHECK_S seconds after such a failure, reads go to the fallback at once.
+    Every read of S3 goes through here, once per file: the same bytes, streamed the same way."""
+    local = fallback_path(uri)
+    if local is None:
+        return s3_read()
+    endpoint = _s3_endpoint_label()
+    down = _s3_down.get(endpoint)
+    if down is None or time.monotonic() - down[0] > FALLBACK_RECHECK_S:
+        try:
+            return s3_read()
+        except ConnectionError as exc:
+            down = _s3_down[endpoint] = (time.monotonic(), str(exc).removeprefix(f"{uri}: "))
+            why = down[1]
+    else:
+        why = f"S3 failed {time.monotonic() - down[0]:.0f} s ago ({down[1]})"
+    if uri not in _fallback_reads:
+        print(f"warning: {uri}: {why}; reading {local} (s3.fallback_root) instead", file=sys.stderr)
+    _fallback_reads[uri] = local
+    try:
+        return local_read(local)
+    except FileNotFoundError:
+        raise ConnectionError(f"{uri}: {why}; the fallback has no copy at {local}") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Streams
 
 
 class _LocalAtomicWriter(io.RawIOBase):
-    """Writes to a temp file beside the target; renamed into place on close, removed on abort."""
+    """Writes to a temp file beside the target; renamed into place on close, removed on abort.
+    The temp file is created as open() creates files (0666 less the umask), not 0600."""
 
     def __init__(self, path: str):
         folder = os.path.dirname(path) or "."
-        os.makedirs(folder, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(
-            prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder
-        )
+        self._path, self._f = path, None
+        self._tmp = os.path.join(folder, f".tmp-{secrets.token_hex(8)}-{os.path.basename(path)}")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise _local_error(path, exc) from None
         self._f = os.fdopen(fd, "wb")
-        self._path = path
 
     def writable(self) -> bool:
         return True
 
     def write(self, b) -> int:
-        return self._f.write(b)
+        try:
+            return self._f.write(b)
+        except OSError as exc:  # a full disk, a quota: nothing is published
+            self.abort()
+            raise _local_error(self._path, exc) from None
 
     def abort(self) -> None:
         """Drop everything written so far; the target is untouched."""
-        if not self.closed:
-            self._f.close()
+        if self.closed:
+            return
+        super().close()
+        if self._f is not None:
+            try:
+                self._f.close()
+            except OSError:
+                pass  # the flush of a dropped file failed: it goes anyway
             os.unlink(self._tmp)
-            super().close()
 
     def close(self) -> None:
-        if not self.closed:
-            self._f.close()
+        if self.closed:
+            return
+        try:
+            self._f.close()  # the last flush can hit a full disk too
             os.replace(self._tmp, self._path)
-            super().close()
+        except OSError as exc:
+            self.abort()
+            raise _local_error(self._path, exc) from None
+        super().close()
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
@@ -226,6 +445,11 @@ class _LocalAtomicWriter(io.RawIOBase):
 
     def __del__(self):
         self.abort()  # only an explicit close() publishes the file
+
+
+def _local_error(path: str, exc: OSError) -> OSError:
+    """The OS error (same errno, so the same subclass) naming the file the kit was writing."""
+    return OSError(exc.errno, f"{path}: {exc.strerror or exc}") if exc.errno else exc
 
 
 class _S3AtomicWriter(io.RawIOBase):
@@ -321,7 +545,7 @@ class _S3Reader(io.RawIOBase):
         info = _s3_call(uri, s3_filesystem().info, uri)
         if info.get("type") == "directory":
             raise IsADirectoryError(f"is a folder, not a file: {uri}")
-        self.uri, self.pos = uri, 0
+        self.uri, self.pos, self.failure = uri, 0, None
         self.size, self.etag = int(info["size"]), info.get("ETag")
 
     def readable(self) -> bool:
@@ -341,7 +565,11 @@ class _S3Reader(io.RawIOBase):
         n = max(0, min(len(b), self.size - self.pos))
         if n:
             view = torch.frombuffer(memoryview(b).cast("B")[:n], dtype=torch.uint8)
-            _s3_read_ranges(self.uri, [(view, self.pos, self.pos + n)], self.etag)
+            try:
+                _s3_read_ranges(self.uri, [(view, self.pos, self.pos + n)], self.etag)
+            except OSError as exc:
+                self.failure = exc  # kept for `stream_failure`: some parsers swallow it
+                raise
             self.pos += n
         return n
 
@@ -355,7 +583,7 @@ class _S3Reader(io.RawIOBase):
 def open_stream(path: str, mode: str = "rb", *, block_size: int | None = None):
     """Open a local file or S3 object; reads are bounded ranged GETs, writes are atomic.
 
-    On S3, block_size is the size of each ranged GET (default BLOCK_SIZE) or of each multipart
+    On S3, block_size is the size of each ranged GET (default s3.block_size) or of each multipart
     part (default PART_SIZE, at least 5 MiB).
     """
     if mode not in ("rb", "wb"):
@@ -374,7 +602,16 @@ def open_stream(path: str, mode: str = "rb", *, block_size: int | None = None):
         return _S3AtomicWriter(p, block_size or PART_SIZE)
     # small reads and lines come from the buffer, each refill one ranged GET of block_size bytes;
     # a read larger than the buffer goes straight into the caller's memory by parallel GETs
-    return io.BufferedReader(_S3Reader(p), buffer_size=block_size or BLOCK_SIZE)
+    block_size = block_size or _s3_settings["block_size"] or BLOCK_SIZE
+    return _s3_or_fallback(
+        p, lambda: io.BufferedReader(_S3Reader(p), buffer_size=block_size), open_stream
+    )
+
+
+def stream_failure(f) -> OSError | None:
+    """The S3 read error an `open_stream` reader hit, or None. torch.load, for one, replaces an
+    error raised by its file's read with its own; this tells a network error from a bad file."""
+    return getattr(getattr(f, "raw", f), "failure", None)
 
 
 def file_size(path: str) -> int:
@@ -385,7 +622,7 @@ def file_size(path: str) -> int:
             return os.path.getsize(p)
         except FileNotFoundError:
             raise FileNotFoundError(f"no such file: {p}") from None
-    return int(_s3_call(p, s3_filesystem().size, p))
+    return _s3_or_fallback(p, lambda: int(_s3_call(p, s3_filesystem().size, p)), file_size)
 
 
 def exists(path: str) -> bool:
@@ -393,7 +630,7 @@ def exists(path: str) -> bool:
     kind, p = resolve(path)
     if kind == "local":
         return os.path.exists(p)
-    return bool(_s3_call(p, s3_filesystem().exists, p))
+    return _s3_or_fallback(p, lambda: bool(_s3_call(p, s3_filesystem().exists, p)), exists)
 
 
 def list_dir(path: str) -> list[str]:
@@ -401,6 +638,11 @@ def list_dir(path: str) -> list[str]:
     kind, p = resolve(path)
     if kind == "local":
         return sorted(os.listdir(p)) if os.path.isdir(p) else []
+    return _s3_or_fallback(p, lambda: _s3_list(p), list_dir)
+
+
+def _s3_list(p: str) -> list[str]:
+    """`list_dir` of an S3 prefix, from S3 itself."""
     fs = s3_filesystem()
     try:
         entries = _s3_call(p, fs.ls, p, detail=False, refresh=True)
@@ -423,8 +665,56 @@ def remove(path: str) -> None:
             os.unlink(p)
         return
     fs = s3_filesystem()
-    if _s3_call(p, fs.exists, p):
-        _s3_call(p, fs.rm, p, recursive=True)
+    if not _s3_call(p, fs.exists, p):
+        return
+    bucket = fs.split_path(p)[0]
+    keys = [fs.split_path(q)[1] for q in _s3_call(p, fs.find, p)]
+    for i in range(0, len(keys), 1000):  # DeleteObjects takes up to 1000 keys
+        batch = {"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
+        out = _s3_call(p, fs.call_s3, "delete_objects", Bucket=bucket, Delete=batch)
+        # a bulk delete answers 200 and lists the keys it could not delete
+        if errors := out.get("Errors"):
+            uri, code = f"s3://{bucket}/{errors[0]['Key']}", errors[0].get("Code", "")
+            kind_of = PermissionError if code == "AccessDenied" else OSError
+            raise kind_of(f"{uri}: not deleted ({code}; {len(errors)} key(s) under {p} remain)")
+
+
+_TMP_NAME = re.compile(r"^\.tmp-(?:[0-9a-f]{16}|[a-z0-9_]{8})-.")  # (and mkstemp's, before)
+
+
+def cleanup_partial(prefix: str, older_than_s: float) -> list[str]:
+    """Remove what killed writers of the kit left under a local folder or S3 prefix, if older
+    than older_than_s seconds: `.tmp-*` files, unfinished multipart uploads. Returns them."""
+    kind, p = resolve(prefix)
+    removed = []
+    if kind == "local":
+        cutoff = time.time() - older_than_s
+        for folder, _, names in os.walk(p):
+            for name in names:
+                f = os.path.join(folder, name)
+                try:
+                    if _TMP_NAME.match(name) and os.lstat(f).st_mtime <= cutoff:
+                        os.unlink(f)
+                        removed.append(f)
+                except FileNotFoundError:
+                    pass  # its writer finished (or cleaned up) meanwhile
+        return removed
+    fs = s3_filesystem()
+    bucket, key, _ = fs.split_path(p)
+    page = {"Bucket": bucket, "Prefix": key.rstrip("/") + "/" if key else ""}
+    while True:
+        out = _s3_call(p, fs.call_s3, "list_multipart_uploads", **page)
+        # ages by the server's clock (its Date header), which stamped the uploads
+        date = out["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
+        now = parsedate_to_datetime(date).timestamp() if date else time.time()
+        for up in out.get("Uploads", []):
+            if up["Initiated"].timestamp() <= now - older_than_s:
+                where = {"Bucket": bucket, "Key": up["Key"], "UploadId": up["UploadId"]}
+                _s3_call(p, fs.call_s3, "abort_multipart_upload", **where)
+                removed.append(f"s3://{bucket}/{up['Key']} (upload {up['UploadId']})")
+        if not out.get("IsTruncated"):
+            return removed
+        page.update(KeyMarker=out["NextKeyMarker"], UploadIdMarker=out["NextUploadIdMarker"])
 
 
 def read_bytes(path: str) -> bytes:
@@ -453,6 +743,8 @@ def iter_records(path: str) -> Iterator[dict]:
             records = msgspec.json.decode(data)
         except msgspec.DecodeError as exc:
             raise ValueError(f"{p}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise ValueError(f"{p}: JSON nested too deeply") from None
         del data
         if not isinstance(records, list):
             raise ValueError(f"{p}: expected a JSON array of records, got {type(records).__name__}")
@@ -484,6 +776,8 @@ def iter_records(path: str) -> Iterator[dict]:
                     rec = decoder.decode(line)
                 except msgspec.DecodeError as exc:
                     raise ValueError(f"{p}: line {lineno}: malformed JSON ({exc})") from None
+                except RecursionError:
+                    raise ValueError(f"{p}: line {lineno}: JSON nested too deeply") from None
                 if not isinstance(rec, dict):
                     raise ValueError(
                         f"{p}: line {lineno}: expected a JSON object, got {type(rec).__name__}"
@@ -548,7 +842,7 @@ def read_safetensors_header(path: str, f=None) -> tuple[dict[str, dict], dict[st
             f.close()
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(
             f"{path}: safetensors header is not JSON ({exc.__class__.__name__})"
         ) from None
@@ -566,11 +860,10 @@ def read_safetensors_header(path: str, f=None) -> tuple[dict[str, dict], dict[st
         if dtype is None:
             raise ValueError(f"{path}: tensor {name!r}: unknown dtype {info['dtype']!r}")
         shape, offs = info["shape"], info["data_offsets"]
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        # type() is int, not isinstance: JSON true/false are Python bools, and bools are ints
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise ValueError(f"{path}: tensor {name!r}: bad shape {shape!r}")
-        if not (
-            isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
-        ):
+        if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)):
             raise ValueError(f"{path}: tensor {name!r}: bad data_offsets {offs!r}")
         begin, end = offs
         if not 0 <= begin <= end <= data_len:
@@ -594,7 +887,7 @@ def read_safetensors(
     path: str, *, keys: list[str] | None = None, device: str | torch.device = "cpu"
 ) -> dict[str, torch.Tensor]:
     """Read tensors straight into their own storage over bounded ranged reads (local or S3)."""
-    kind, p = resolve(path)
+    _, p = resolve(path)
     with open_stream(p, block_size=HEADER_PROBE) as f:
         header, _, data_start = read_safetensors_header(p, f)
         names = list(header) if keys is None else list(keys)
@@ -609,7 +902,7 @@ def read_safetensors(
             buf = torch.empty(end - begin, dtype=torch.uint8)
             jobs.append((buf, data_start + begin, data_start + end))
             out[name] = (buf, info)
-        if kind == "local":
+        if not isinstance(f.raw, _S3Reader):  # a local file (also S3's fallback copy)
             for buf, start, end in jobs:
                 f.seek(start)
                 view = memoryview(buf.numpy())
@@ -634,35 +927,49 @@ def read_safetensors(
 
 
 def _s3_read_ranges(uri: str, jobs: list[tuple[torch.Tensor, int, int]], etag: str | None) -> None:
-    """Fill each buffer with its byte range: BLOCK_SIZE GETs, MAX_IN_FLIGHT at once, no copies."""
+    """Fill each buffer with its byte range: GETs of s3.block_size bytes, s3.max_concurrency at
+    once, no copies."""
     from fsspec.asyn import sync
 
     fs = s3_filesystem()
     bucket, key, _ = fs.split_path(uri)
     match = {"IfMatch": etag} if etag else {}  # an object replaced mid-read fails, never mixes
 
+    retries, broken = _s3_settings["retries"], _network_errors()
+
     async def fetch(view: memoryview, a: int, b: int, gate: asyncio.Semaphore) -> None:
         async with gate:
-            resp = await fs._call_s3(
-                "get_object", Bucket=bucket, Key=key, Range=f"bytes={a}-{b - 1}", **match
-            )
-            body, got = resp["Body"], 0
-            try:
-                while got < b - a:  # the body streams straight into the tensor's storage
-                    k = await body.readinto(view[got:])
-                    if not k:
-                        raise ValueError(f"{uri}: short read at bytes {a}-{b} (object truncated?)")
-                    got += k
-            finally:
-                body.close()
+            got, failures = 0, 0
+            while got < b - a:  # botocore retries a failed request; this resumes a broken body
+                resp = await fs._call_s3(
+                    "get_object", Bucket=bucket, Key=key, Range=f"bytes={a + got}-{b - 1}", **match
+                )
+                body = resp["Body"]
+                try:
+                    while got < b - a:  # the body streams straight into the tensor's storage
+                        k = await body.readinto(view[got:])
+                        if not k:
+                            raise ConnectionError("the response ended early")
+                        got += k
+                except broken as exc:
+                    failures += 1
+                    if failures > retries:
+                        raise ConnectionError(
+                            f"{uri}: reading bytes {a + got}-{b - 1} failed {failures} times, "
+                            f"last: {_why(exc)} (s3.retries: {retries})"
+                        ) from None
+                    await asyncio.sleep(min(0.1 * 2**failures, 5.0) * random.uniform(0.5, 1.0))
+                finally:
+                    body.close()
 
     async def fetch_all() -> None:
-        gate = asyncio.Semaphore(MAX_IN_FLIGHT)
+        gate = asyncio.Semaphore(_s3_settings["max_concurrency"] or MAX_IN_FLIGHT)
+        block = _s3_settings["block_size"] or BLOCK_SIZE
         tasks = []
         for buf, start, end in jobs:
             view = memoryview(buf.numpy())
-            for off in range(start, end, BLOCK_SIZE):
-                stop = min(off + BLOCK_SIZE, end)
+            for off in range(start, end, block):
+                stop = min(off + block, end)
                 tasks.append(fetch(view[off - start : stop - start], off, stop, gate))
         futures = [asyncio.ensure_future(t) for t in tasks]
         try:
@@ -677,8 +984,9 @@ def _s3_read_ranges(uri: str, jobs: list[tuple[torch.Tensor, int, int]], etag: s
 
 def write_safetensors(
     tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None
-) -> None:
-    """Stream a safetensors file (header, then each tensor's bytes) to a local path or S3."""
+) -> dict[str, str]:
+    """Stream a safetensors file (header, then each tensor's bytes) to a local path or S3;
+    returns each tensor's sha256 (hex, of its data bytes), hashed as it is written."""
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -699,13 +1007,21 @@ def write_safetensors(
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data section 8-byte aligned, as safetensors writes it
-    with open_stream(path, "wb") as f:
+    digests = {}
+    with open_stream(path, "wb") as f, ThreadPoolExecutor(1) as pool:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for t in tensors.values():
-            t = t.detach().to("cpu").contiguous()
-            if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        for name, t in tensors.items():
+            data = _tensor_bytes(t.detach().to("cpu"))
+            digest = pool.submit(hashlib.sha256, data)  # beside the write: both release the GIL
+            f.write(data)
+            digests[name] = digest.result().hexdigest()
+    return digests
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a CPU tensor in row-major order (a view when it is contiguous)."""
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -763,10 +1079,20 @@ def save_ckpt(state: dict, path: str, *, before_manifest: Callable[[], None] | N
     manifest = join(path, MANIFEST)
     if exists(manifest):
         remove(manifest)  # overwriting: the folder reads as incomplete until the new one lands
-    write_safetensors(tensors, join(path, TENSORS))
+    try:  # this save replaces everything in the folder: older unfinished writes there are litter
+        cleanup_partial(path, older_than_s=0)
+    except OSError:
+        pass  # housekeeping (a permission of its own on S3) never fails a save; an outage fails it next
+    digests = write_safetensors(tensors, join(path, TENSORS))
     if before_manifest is not None:
         before_manifest()
-    write_bytes(json.dumps({"format": "wmtp-ckpt/1", "state": tree}, indent=1).encode(), manifest)
+    # the manifest vouches for exactly these tensor bytes, never for those of another save
+    sums = {
+        k: {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "sha256": digests[k]}
+        for k, t in tensors.items()
+    }
+    doc = {"format": "wmtp-ckpt/1", "tensors": sums, "state": tree}
+    write_bytes(json.dumps(doc, indent=1).encode(), manifest)
 
 
 def load_ckpt(path: str) -> dict:
@@ -779,10 +1105,38 @@ def load_ckpt(path: str) -> dict:
             raise
         raise FileNotFoundError(f"{path}: incomplete checkpoint (no {MANIFEST})") from None
     try:
-        tree = json.loads(raw)["state"]
-    except (ValueError, KeyError, TypeError):
+        doc = json.loads(raw)
+        tree, sums = doc["state"], doc.get("tensors")  # no "tensors": saved before checksums
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise ValueError(f"{manifest}: not a checkpoint manifest") from None
-    return _decode(tree, read_safetensors(join(path, TENSORS)))
+    file = join(path, TENSORS)
+    tensors = read_safetensors(file)
+    if sums is not None:
+        _verify_tensors(file, tensors, sums)
+    return _decode(tree, tensors)
+
+
+def _verify_tensors(file: str, tensors: dict[str, torch.Tensor], sums: Any) -> None:
+    """Each tensor has the dtype, shape and sha256 that the checkpoint's manifest recorded."""
+    if not isinstance(sums, dict) or sums.keys() != tensors.keys():
+        odd = sorted(set(tensors) ^ set(sums if isinstance(sums, dict) else ()))
+        raise ValueError(f"{file}: tensors do not match {MANIFEST} ({_short_list(odd)})")
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
+        digests = pool.map(lambda t: hashlib.sha256(_tensor_bytes(t)).hexdigest(), tensors.values())
+        for (name, t), digest in zip(tensors.items(), digests):
+            want = sums[name] if isinstance(sums[name], dict) else {}
+            have = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "sha256": digest}
+            if any(want.get(k) != v for k, v in have.items()):
+                raise ValueError(
+                    f"{file}: tensor {name!r} does not match the checksum in {MANIFEST} "
+                    "(corrupted, or written by another save)"
+                )
+
+
+def _short_list(names: list[str], n: int = 5) -> str:
+    return ", ".join(map(repr, names[:n])) + (
+        f" and {len(names) - n} more" if len(names) > n else ""
+    )
 
 
 _STEP = re.compile(r"^step_(\d+)$")

@@ -11,6 +11,7 @@ Exit codes: 0 ok, 1 a verify-s3 check failed, 2 bad usage or bad input (a one-li
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import re
@@ -26,9 +27,7 @@ import yaml
 import io_stream
 import wmtp
 
-CREDENTIALS_NOTE = (
-    "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment or use a profile (s3.profile)"
-)
+CREDENTIALS_NOTE = wmtp.CREDENTIALS_HINT
 
 # Old dotted key -> new dotted key, value unchanged (locations lose their file:// prefix).
 RENAMED = {
@@ -124,10 +123,9 @@ _ABSENT = object()  # a dataset entry that only a commented alternative names
 
 
 def read_old_file(path: str) -> dict:
-    """Parse one old YAML file (local or S3); a malformed one is an error naming file and line."""
-    return wmtp.parse_yaml_mapping(
-        io_stream.read_bytes(path).decode("utf-8", errors="replace"), path
-    )
+    """Parse one old YAML file (local or S3); a malformed or non-UTF-8 one is an error naming
+    file and line."""
+    return wmtp.parse_yaml_mapping(wmtp.decode_utf8(io_stream.read_bytes(path), path), path)
 
 
 def _get(raw: Any, dotted: str) -> Any:
@@ -152,6 +150,30 @@ def _leaves(node: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield from _leaves(value, dotted + ".")
         else:
             yield dotted, value
+
+
+def _strip_uri(text: str) -> str:
+    """text without user:password@ in URIs and without secret query parameters (presigned URLs:
+    X-Amz-Signature, X-Amz-Credential, ...); the other parameters stay as they were."""
+    text = wmtp.URI_USERINFO.sub(r"\1", text)
+    if "?" not in text:
+        return text
+    base, _, rest = text.partition("?")
+    query, hash_, fragment = rest.partition("#")
+    kept = [p for p in query.split("&") if not wmtp._looks_secret(p.partition("=")[0])]
+    return base + ("?" + "&".join(kept) if kept else "") + hash_ + fragment
+
+
+def _without_credentials(value: Any) -> Any:
+    """The value with credentials left out, also inside lists and mappings: secret-looking keys,
+    user:password@ and signed queries in URIs; what still looks secret (a key id) is masked."""
+    if isinstance(value, dict):
+        return {
+            k: _without_credentials(v) for k, v in value.items() if not wmtp._looks_secret(str(k))
+        }
+    if isinstance(value, list):
+        return [_without_credentials(v) for v in value]
+    return wmtp.redact(_strip_uri(value)) if isinstance(value, str) else value
 
 
 def _location(value: Any) -> Any:
@@ -202,16 +224,24 @@ def map_old_file(raw: dict, source: str) -> tuple[dict[str, Any], list[tuple[str
     algo = _new_algo(raw)
     section = {"critic": "critic", "rho1-weighted": "rho1", "rho1-tokenskip": "rho1"}.get(algo)
     for key, value in _leaves(raw):
-        if key in DROPPED:  # known keys first: critic.token_spread is not a token
+        # known keys are not credentials: critic.token_spread is not a token
+        if key not in DROPPED and wmtp._looks_secret(key.rsplit(".", 1)[-1]):
+            rows.append(("removed", f"{key}: a credential, never written; {CREDENTIALS_NOTE}"))
+            continue
+        clean = _without_credentials(value)
+        if clean != value:
+            rows.append(
+                (
+                    "removed",
+                    f"{key}: user:password@, a signed query or a key inside the value, left out; "
+                    + CREDENTIALS_NOTE,
+                )
+            )
+            value = clean
+        if key in DROPPED:
             shown = "" if isinstance(value, dict) else f" = {_yaml_value(value)}"
             rows.append(("dropped", f"{key}{shown}: {DROPPED[key]}"))
             continue
-        if wmtp._looks_secret(key.rsplit(".", 1)[-1]):
-            rows.append(("removed", f"{key}: a credential, never written; {CREDENTIALS_NOTE}"))
-            continue
-        if isinstance(value, str) and re.search(r"://[^/@\s]+@", value):
-            rows.append(("removed", f"{key}: user:password inside the URI; {CREDENTIALS_NOTE}"))
-            value = re.sub(r"://[^/@\s]+@", "://", value)
         if key in RENAMED:
             new = RENAMED[key]
             mapped(key, new, _location(value) if new in LOCATIONS else value)
@@ -574,11 +604,222 @@ def verify_s3(uri: str) -> list[tuple[str, bool, str]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# mirror: a local copy of an S3 prefix, for s3.fallback_root to read when S3 is down
+
+MIRROR_CHUNK = 64 * 2**20  # bytes per read: parallel ranged GETs into one reused buffer
+HASH_CHUNK = 8 * 2**20  # bytes per read while hashing a local file
+MD5_ETAG = re.compile(r"([0-9a-f]{32})(?:-(\d+))?")  # one PUT: MD5; multipart: MD5 of MD5s-N
+STEP_DIR = re.compile(r"step_\d+")
+
+
+def _part_sizes(uri: str, size: int, parts: int, every: bool) -> list[int]:
+    """Byte lengths of a multipart object's parts from HEAD PartNumber=n: the first part's, taken
+    for all but the last, or (every) each part's own."""
+    fs = io_stream.s3_filesystem()
+    bucket, key, _ = fs.split_path(uri)
+
+    def length(n: int) -> int:
+        where = {"Bucket": bucket, "Key": key, "PartNumber": n}
+        return int(io_stream._s3_call(uri, fs.call_s3, "head_object", **where)["ContentLength"])
+
+    if every:
+        return [length(n) for n in range(1, parts + 1)]
+    first = length(1)
+    return [first] * (parts - 1) + [size - (parts - 1) * first]
+
+
+def _etag_of(path: str, sizes: list[int] | None) -> str:
+    """The ETag S3 gives a file's bytes: their MD5, or for parts of `sizes` the MD5 of the parts'
+    MD5s followed by -<parts>."""
+    buf = memoryview(bytearray(HASH_CHUNK))
+    digests = []
+    with open(path, "rb") as f:
+        for n in sizes or [os.path.getsize(path)]:
+            h = hashlib.md5(usedforsecurity=False)
+            while n > 0 and (k := f.readinto(buf[: min(n, len(buf))])):
+                h.update(buf[:k])
+                n -= k
+            digests.append(h)
+    if sizes is None:
+        return digests[0].hexdigest()
+    joined = hashlib.md5(b"".join(d.digest() for d in digests), usedforsecurity=False)
+    return f"{joined.hexdigest()}-{len(sizes)}"
+
+
+def _check_copy(uri: str, info: dict, path: str) -> tuple[bool, str]:
+    """(True, how) when the local file holds the object's bytes: its size and its ETag (when the
+    ETag is an MD5 one; SSE-KMS objects have others, and then only the size tells), else (False, why)."""
+    size, etag = int(info["size"]), str(info.get("ETag", "")).strip('"')
+    have = os.path.getsize(path)
+    if have != size:
+        return False, f"{have} bytes, the object has {size}"
+    m = MD5_ETAG.fullmatch(etag)
+    if m is None:
+        return True, "size matches; the ETag is no MD5 to compare"
+    parts = int(m[2] or 0)
+    if not parts:
+        same = _etag_of(path, None) == etag
+    else:  # parts of one size but the last, as most writers make them; else ask for each
+        same = _etag_of(path, _part_sizes(uri, size, parts, every=False)) == etag
+        same = same or _etag_of(path, _part_sizes(uri, size, parts, every=True)) == etag
+    return (True, "size and ETag match") if same else (False, f"its MD5s do not give ETag {etag}")
+
+
+def _mirror_object(uri: str, info: dict, dst: str) -> str:
+    """Copy one object to dst unless dst holds its bytes already; a temp file named by the object's
+    ETag is continued where a killed run left it, checked, then renamed into place."""
+    if os.path.isfile(dst):
+        same, how = _check_copy(uri, info, dst)
+        if same:
+            return f"kept   {dst} ({how})"
+    folder, base = os.path.split(dst)
+    os.makedirs(folder, exist_ok=True)
+    size = int(info["size"])
+    version = hashlib.sha256(f"{info.get('ETag')}/{size}".encode()).hexdigest()[:16]
+    tmp = os.path.join(folder, f".tmp-{version}-{base}")
+    for name in os.listdir(folder):  # a killed run's copy of another version of the object
+        other = re.fullmatch(rf"\.tmp-[0-9a-f]{{16}}-{re.escape(base)}", name)
+        if other and name != os.path.basename(tmp):
+            os.unlink(os.path.join(folder, name))
+    start = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+    if start > size:
+        os.unlink(tmp)
+        start = 0
+    buf = memoryview(bytearray(max(1, min(MIRROR_CHUNK, size - start))))
+    with io_stream.open_stream(uri, block_size=len(buf)) as src, open(tmp, "ab") as out:
+        src.seek(start)
+        done = start
+        while done < size:
+            k = src.readinto(buf[: min(len(buf), size - done)])
+            if not k:
+                raise ValueError(f"{uri}: ended at byte {done} of {size}")
+            out.write(buf[:k])
+            done += k
+        out.flush()
+        os.fsync(out.fileno())
+    same, how = _check_copy(uri, info, tmp)
+    if not same:
+        os.unlink(tmp)
+        raise ValueError(f"{uri}: the copy does not match ({how}); removed it, run again")
+    os.replace(tmp, dst)
+    resumed = f", continued from byte {start}" if start else ""
+    return f"copied {dst} ({size} bytes{resumed}; {how})"
+
+
+def mirror(uri: str, folder: str) -> Iterator[str]:
+    """Copy every object under an S3 prefix to folder/bucket/key, the layout s3.fallback_root
+    reads: streamed through a bounded buffer, resumable, each copy checked by size and ETag.
+    Yields one line per object (`FAIL …` for one that could not be copied) and a summary."""
+    kind, root = io_stream.resolve(uri)
+    if kind != "s3":
+        raise ValueError(f"{uri}: not an s3:// URI")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{folder}: not a folder")
+    fs = io_stream.s3_filesystem()
+    found = io_stream._s3_call(root, fs.find, root, detail=True)
+    objects = {k: v for k, v in found.items() if v.get("type") == "file" and not k.endswith("/")}
+    if not objects:
+        raise ValueError(f"{root}: no objects under this prefix")
+    counts = {"copied": 0, "kept": 0, "FAIL": 0}
+    for name in sorted(objects):
+        src, parts = f"s3://{name}", name.split("/")
+        try:
+            if any(p in ("", ".", "..") for p in parts):
+                raise ValueError(
+                    f"{src}: a key with empty, '.' or '..' parts has no place in a mirror"
+                )
+            line = _mirror_object(src, objects[name], os.path.join(folder, *parts))
+        except ConnectionError:
+            raise  # S3 itself is gone: every other object would fail the same way
+        except (OSError, ValueError) as exc:
+            line = f"FAIL   {exc}"
+        counts[line.split(" ", 1)[0]] += 1
+        yield line
+    yield (
+        f"{len(objects)} objects under {root} in {os.path.join(folder, *root[5:].split('/'))}: "
+        f"{counts['copied']} copied, {counts['kept']} already complete, {counts['FAIL']} failed"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# sync-checkpoints: checkpoints written to the fallback while S3 was down -> S3
+
+
+def sync_checkpoints(folder: str, uri: str) -> Iterator[str]:
+    """Upload the complete checkpoints (`step_<N>` folders with a manifest) under a local folder
+    to the same place under an S3 prefix: files first, each checked by size and ETag, the
+    manifest last and only where S3 has none (checked again just before); a checkpoint complete
+    on S3 is never touched."""
+    kind, root = io_stream.resolve(uri)
+    if kind != "s3":
+        raise ValueError(f"{uri}: not an s3:// URI")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: no such folder")
+    found = []
+    for here, dirs, _ in os.walk(folder):
+        dirs.sort()
+        if STEP_DIR.fullmatch(os.path.basename(here)):
+            found.append(here)
+            dirs[:] = []  # its files (dcp/ shards too) belong to it
+    if not found:
+        raise ValueError(f"{folder}: no step_<N> checkpoint folders under it")
+    fs = io_stream.s3_filesystem()
+    for local in found:
+        rel = os.path.relpath(local, folder).split(os.sep)
+        target = root if rel == ["."] else io_stream.join(root, *rel)
+        manifest = io_stream.join(target, io_stream.MANIFEST)
+        if not os.path.isfile(os.path.join(local, io_stream.MANIFEST)):
+            yield f"skip   {local}: incomplete (no {io_stream.MANIFEST}), not uploaded"
+            continue
+        if io_stream.exists(manifest):
+            yield f"kept   {target}: complete on S3 already, left as it is"
+            continue
+        try:
+            if io_stream.exists(target):  # the pieces of the save that S3 failed half-way
+                io_stream.remove(target)
+            files = sorted(
+                os.path.relpath(os.path.join(here, n), local)
+                for here, _, names in os.walk(local)
+                for n in names
+                if not n.startswith(".tmp-") and (here != local or n != io_stream.MANIFEST)
+            )
+            total = 0
+            for name in files:
+                src, dst = os.path.join(local, name), io_stream.join(target, *name.split(os.sep))
+                with open(src, "rb") as f, io_stream.open_stream(dst, "wb") as out:
+                    shutil.copyfileobj(f, out, MIRROR_CHUNK)
+                same, how = _check_copy(dst, io_stream._s3_call(dst, fs.info, dst), src)
+                if not same:
+                    raise ValueError(f"{dst}: the upload does not match {src} ({how})")
+                total += os.path.getsize(src)
+            src = os.path.join(local, io_stream.MANIFEST)
+            if io_stream.exists(manifest):  # a trainer completed this step meanwhile: its own stays
+                yield f"kept   {target}: completed on S3 meanwhile, its manifest left as it is"
+                continue
+            with open(src, "rb") as f:
+                data = f.read()
+            io_stream.write_bytes(data, manifest)
+            total += len(data)
+            same, how = _check_copy(manifest, io_stream._s3_call(manifest, fs.info, manifest), src)
+            if not same:
+                raise ValueError(f"{manifest}: the upload does not match {src} ({how})")
+        except ConnectionError:
+            raise
+        except (OSError, ValueError) as exc:
+            yield f"FAIL   {local}: {exc}"
+            continue
+        yield (
+            f"synced {local} -> {target} ({len(files) + 1} files, {total} bytes, manifest last; "
+            "each checked by size and ETag)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The three subcommands: config, cleanup-cache, verify-s3."""
+    """The subcommands: config, cleanup-cache, verify-s3, mirror, sync-checkpoints."""
     parser = argparse.ArgumentParser(prog="migrate.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("config", help="old configs and recipes -> one config.yaml")
@@ -596,10 +837,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--yes", action="store_true", help="delete (default: only list)")
     p = sub.add_parser("verify-s3", help="check list/put/get/multipart/delete under an S3 prefix")
     p.add_argument("uri", metavar="s3://bucket/prefix")
-    p.add_argument(
-        "--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)"
+    endpoint = "S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)"
+    p.add_argument("--endpoint-url", help=endpoint)
+    p = sub.add_parser("mirror", help="copy an S3 prefix to DIR/bucket/key for s3.fallback_root")
+    p.add_argument("uri", metavar="s3://bucket/prefix")
+    p.add_argument("dir", metavar="DIR", help="the mirror's root (s3.fallback_root)")
+    p.add_argument("--endpoint-url", help=endpoint)
+    p = sub.add_parser(
+        "sync-checkpoints", help="upload checkpoints written to the fallback while S3 was down"
     )
+    p.add_argument("dir", metavar="DIR", help="local folder holding step_<N> checkpoints")
+    p.add_argument("uri", metavar="s3://bucket/prefix", help="the same place on S3")
+    p.add_argument("--endpoint-url", help=endpoint)
     return parser.parse_args(argv)
+
+
+def _print_lines(lines: Iterator[str]) -> int:
+    """Print a long-running command's lines as they come: 0 when none is a FAIL, else 1 (also
+    when S3 is unreachable; bad input raises before the first line, for main's exit code 2)."""
+    failed = False
+    try:
+        for line in lines:
+            print(line, flush=True)
+            failed |= line.startswith("FAIL")
+    except ConnectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -611,7 +875,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "cleanup-cache":
             lines = cleanup_cache(args.roots, args.config, args.yes)
         else:
+            # these are about S3 itself: a local mirror (WMTP_S3_FALLBACK) must never answer for it
+            os.environ.pop("WMTP_S3_FALLBACK", None)
             io_stream.configure_s3(endpoint_url=args.endpoint_url)
+            if args.command == "mirror":
+                return _print_lines(mirror(args.uri, args.dir))
+            if args.command == "sync-checkpoints":
+                return _print_lines(sync_checkpoints(args.dir, args.uri))
             results = verify_s3(args.uri)
             for name, ok, detail in results:
                 print(f"{name:<14} {'PASS' if ok else 'FAIL'}  {detail}")

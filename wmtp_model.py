@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import torch
 from accelerate import init_empty_weights
 from torch import nn
 from torch.serialization import skip_data
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    Cache,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaModel,
+)
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer,
@@ -30,6 +38,19 @@ MTP_JSON = "mtp.json"  # the kit's format: written last, it marks a complete sav
 
 # ---------------------------------------------------------------------------------------------
 # The MTP model
+
+
+class Unembedding(nn.Linear):
+    """The shared vocabulary projection (bias-free). With `fn`, its forward returns fn(x, weight)
+    instead of x @ weight.T, so that a computation reading the weight directly (mtp_loss's chunked
+    cross-entropy) runs as this module's forward and its hooks fire: FSDP gathers the weight, and
+    reduces its gradient, as for any module that ran forward."""
+
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__(dim, vocab_size, bias=False)
+
+    def forward(self, x, fn=None):
+        return super().forward(x) if fn is None else fn(x, self.weight)
 
 
 class MTPModel(nn.Module):
@@ -49,29 +70,40 @@ class MTPModel(nn.Module):
         n_trunk = config.num_hidden_layers - 1
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(n_trunk))
-        # layer_idx only matters for a KV cache, which heads never use
-        self.heads = nn.ModuleList(LlamaDecoderLayer(config, n_trunk) for _ in range(n_heads))
+        # distinct layer_idx: one DynamicCache holds the trunk's K/V and then one entry per head
+        self.heads = nn.ModuleList(LlamaDecoderLayer(config, n_trunk + k) for k in range(n_heads))
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Unembedding(config.hidden_size, config.vocab_size)
         self.rotary_emb = LlamaRotaryEmbedding(config)
 
     def run_trunk(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        cache: Cache | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
-        """Trunk output [B,S,D] and the context (position embeddings, attention mask) heads need."""
+        """Trunk output [B,S,D] and the context (positions, attention mask, cache) heads need.
+
+        Decoding passes a cache (the trunk and each head append their K/V to it), an attention_mask
+        over cached + new tokens and the new tokens' position_ids [B,S].
+        """
         hidden = self.embed_tokens(input_ids)
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         mask = create_causal_mask(
             config=self.config,
             inputs_embeds=hidden,
             attention_mask=attention_mask,
-            cache=None,
+            cache=cache,
             position_ids=position_ids,
         )
         ctx = {
             "attention_mask": mask,
             "position_ids": position_ids,
             "position_embeddings": self.rotary_emb(hidden, position_ids=position_ids),
+            "cache": cache,
         }
         for layer in self.layers:
             hidden = layer(hidden, **ctx)
@@ -174,6 +206,7 @@ def init_mtp_model(
         rope_theta=rope_theta,
         norm_eps=norm_eps,
     )
+    _check_size(f"init_mtp_model(dim={dim}, n_layers={n_layers})", config, None, n_heads - 1)
     generator = torch.Generator().manual_seed(seed)
     model = MTPModel(config, n_heads)
     with torch.no_grad():
@@ -253,17 +286,35 @@ class Tokenizer:
         return self._hf.decode(ids, skip_special_tokens=True)
 
     def files(self) -> dict[str, bytes]:
-        """The files that store this tokenizer: its own, plus the special tokens for a tokenizer.json."""
-        if self._sp is not None:
-            return {self.name: self.data}
-        special = {
-            f"{what}_token": self._hf.id_to_token(i)
-            for what, i in (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id))
-        }
-        return {
-            self.name: self.data,
-            "tokenizer_config.json": json.dumps(special, indent=1).encode(),
-        }
+        """The files that store this tokenizer: its own, plus the tokenizer.json and
+        tokenizer_config.json that transformers saves for it, so that AutoTokenizer loads it with
+        the same special tokens and prepends BOS as training does (BOS + `encode`)."""
+        import os
+        import tempfile
+
+        from tokenizers import Tokenizer as HFTokenizer
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+        piece = self._sp.id_to_piece if self._sp is not None else self._hf.id_to_token
+        ids = (self.bos_id, self.eos_id, self.pad_id)
+        options = {f"{w}_token": piece(i) for w, i in zip(("bos", "eos", "pad"), ids)}
+        options |= {"add_bos_token": True, "add_eos_token": False}
+        with tempfile.TemporaryDirectory() as tmp:  # transformers reads and writes only files
+            if self._sp is not None:  # converted to a `tokenizers` model that encodes the same;
+                with open(os.path.join(tmp, self.name), "wb") as f:  # like SentencePiece, it
+                    f.write(self.data)  # reads "<s>" in text as text, not as a special token
+                hf = AutoTokenizer.from_pretrained(tmp, split_special_tokens=True, **options)
+            else:
+                hf = PreTrainedTokenizerFast(
+                    tokenizer_object=HFTokenizer.from_str(self.data.decode()), **options
+                )
+            out = os.path.join(tmp, "saved")
+            hf.save_pretrained(out)
+            saved = {}
+            for name in sorted(os.listdir(out)):
+                with open(os.path.join(out, name), "rb") as f:
+                    saved[name] = f.read()
+        return {self.name: self.data} | saved
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.source}, vocab_size={self.vocab_size})"
@@ -445,11 +496,51 @@ def _shapes(model: nn.Module) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+MAX_PARAMS = 2**41  # ~2.2T parameters: past any model the kit trains; a bigger one is a bad file
+
+
+def _declared_params(config, extra_blocks: int = 0) -> int:
+    """Parameters a config declares, LM head left out: embedding, decoder blocks (+ extra_blocks),
+    final norm. Exact for Llama; for other models a lower bound (one norm per block)."""
+    dim = config.hidden_size
+    blocks = config.num_hidden_layers + extra_blocks
+    if config.model_type != "llama":
+        return (config.vocab_size + blocks) * dim
+    attn = 2 * dim * (config.num_attention_heads + config.num_key_value_heads) * config.head_dim
+    block = attn + 3 * dim * config.intermediate_size + 2 * dim
+    return config.vocab_size * dim + blocks * block + dim
+
+
+def _check_size(source: str, config, stored: int | None, extra_blocks: int = 0) -> None:
+    """Refuse, before anything is built, a config that declares more parameters than its weight
+    files hold (`stored` values, None: no files) or than MAX_PARAMS (n_layers: 10**12)."""
+    declared = _declared_params(config, extra_blocks)
+    if stored is not None and declared > stored:
+        raise ValueError(
+            f"{source}: declares {declared:,} parameters, more than its weight files hold "
+            f"({stored:,} values)"
+        )
+    if declared > MAX_PARAMS:
+        raise ValueError(
+            f"{source}: declares {declared:,} parameters, more than the kit's limit of "
+            f"{MAX_PARAMS:,}"
+        )
+
+
 def detect_format(path: str, names: list[str]) -> str:
     """'kit', 'meta' or 'hf' from the files present in a model folder."""
     has = set(names)
-    hf = "config.json" in has and any(has & set(pair) for pair in HF_WEIGHTS)
-    if hf and {MTP_JSON, HEADS_FILE} <= has:
+    weights = any(has & set(pair) for pair in HF_WEIGHTS)
+    hf = "config.json" in has and weights
+    if has & {MTP_JSON, HEADS_FILE}:  # the kit's files: complete, or refused (never heads copied)
+        present = {"config.json": "config.json" in has, "model.safetensors": weights}
+        missing = [n for n, ok in present.items() if not ok]
+        missing += [n for n in (HEADS_FILE, MTP_JSON) if n not in has]
+        if missing:
+            raise ValueError(
+                f"{path}: an incomplete save of the kit's format ({', '.join(missing)} missing; "
+                f"the save writes {MTP_JSON} last): save the model again"
+            )
         return "kit"
     if "params.json" in has and any(PTH.fullmatch(n) for n in names):
         return "meta"
@@ -523,6 +614,7 @@ def _load_pth(path: str, *, shapes_only: bool = False) -> dict[str, torch.Tensor
     S3; with shapes_only, meta tensors from the pickle alone (the zip directory and record
     headers are read, no tensor record)."""
     kind, p = io_stream.resolve(path)
+    f = None
     try:
         if shapes_only:
             with io_stream.open_stream(p, block_size=2**16) as f, skip_data():
@@ -537,6 +629,8 @@ def _load_pth(path: str, *, shapes_only: bool = False) -> dict[str, torch.Tensor
     except OSError:
         raise
     except Exception as exc:  # zip, unpickling and weights-only refusals share no base class
+        if f is not None and io_stream.stream_failure(f) is not None:
+            raise io_stream.stream_failure(f) from None  # the network failed, not the file
         why = (str(exc).strip().splitlines() or [""])[0][:200]
         raise ValueError(
             f"{p}: not a weights-only PyTorch checkpoint ({type(exc).__name__}: {why})"
@@ -621,8 +715,11 @@ def _load_meta(
         (n for n in io_stream.list_dir(path) if PTH.fullmatch(n)),
         key=lambda n: int(PTH.fullmatch(n)[1]),
     )
+    stored = None
     if meta_weights and (params.get("vocab_size") or -1) > 0:
-        files = []  # shapes come from params.json; the weights arrive from rank 0
+        # shapes come from params.json; the weights arrive from rank 0 (a value is >= 1 byte)
+        stored = sum(io_stream.file_size(io_stream.join(path, f)) for f in files)
+        files = []
     sd = _merge_shards([_load_pth(io_stream.join(path, f)) for f in files], files) if files else {}
     sd.pop(
         "rope.freqs", None
@@ -658,6 +755,8 @@ def _load_meta(
         )
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{params_path}: {exc}") from None
+    stored = sum(t.numel() for t in sd.values()) if files else stored
+    _check_size(params_path, config, stored, H - 1)
     with init_empty_weights():
         model = MTPModel(config, H)
     if meta_weights and not files:
@@ -733,6 +832,11 @@ def _weight_headers(path: str, extra: tuple[str, ...] = ()) -> dict[str, tuple[s
     return headers
 
 
+def _stored(headers: dict[str, tuple[str, tuple]]) -> int:
+    """Values the weight files hold, from their headers."""
+    return sum(torch.Size(shape).numel() for _, shape in headers.values())
+
+
 def _read_tensors(
     headers: dict[str, tuple[str, tuple]], names: dict[str, str], dtype, device: torch.device
 ) -> dict[str, torch.Tensor]:
@@ -783,6 +887,11 @@ def _load_llama_mtp(
         )
     else:
         H = n_heads
+    headers = _weight_headers(path, (HEADS_FILE,) if kit else ())
+    config_path = io_stream.join(path, "config.json")
+    _check_size(config_path, config, _stored(headers), H - 1 if kit else 0)
+    if not kit:  # heads 1..H-1 are copies, not in the files
+        _check_size(config_path, config, None, H - 1)
     with init_empty_weights():
         model = MTPModel(config, H)
     n_trunk, shapes = len(model.layers), _shapes(model)
@@ -790,7 +899,6 @@ def _load_llama_mtp(
     names = {_kit_key(k, n_trunk): k for k in shapes if k not in extra_heads}
     if kit:
         names |= {k: k for k in extra_heads}
-    headers = _weight_headers(path, (HEADS_FILE,) if kit else ())
     _check_keys(
         path, {k: shapes[v] for k, v in names.items()}, {k: s for k, (_, s) in headers.items()}
     )
@@ -804,10 +912,11 @@ def _load_llama_mtp(
 
 def _load_causal(path: str, *, dtype, device: torch.device) -> nn.Module:
     """AutoModelForCausalLM from an HF folder, weights streamed into a model built without them."""
-    config = _hf_config(path)
+    config, headers = _hf_config(path), _weight_headers(path)
+    _check_size(io_stream.join(path, "config.json"), config, _stored(headers))
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
-    shapes, headers = _shapes(model), _weight_headers(path)
+    shapes = _shapes(model)
     tied = bool(getattr(config, "tie_word_embeddings", False)) and "lm_head.weight" not in headers
     expected = {k: s for k, s in shapes.items() if not (tied and k == "lm_head.weight")}
     _check_keys(path, expected, {k: s for k, (_, s) in headers.items()})
@@ -822,10 +931,11 @@ def _load_causal(path: str, *, dtype, device: torch.device) -> nn.Module:
 
 def _load_reward(path: str, *, dtype, device: torch.device) -> RewardModel:
     """RewardModel from an HF LlamaForSequenceClassification (score.weight) or Starling-RM (v_head.weight)."""
-    config = _llama_config(path)
+    config, headers = _llama_config(path), _weight_headers(path)
+    _check_size(io_stream.join(path, "config.json"), config, _stored(headers))
     with init_empty_weights():
         model = RewardModel(config)
-    shapes, headers = _shapes(model), _weight_headers(path)
+    shapes = _shapes(model)
     trunk = [k.removeprefix("model.") for k in shapes if k.startswith("model.")]
     ignored: set[str] = set()
     if "score.weight" in headers:
@@ -875,11 +985,21 @@ def save_model(model: MTPModel, path: str, tokenizer: Tokenizer | None = None) -
         "architectures": ["LlamaForCausalLM"],
         "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
     }
+    if tokenizer is not None:  # generation stops at the tokenizer's real EOS
+        config |= {
+            "bos_token_id": tokenizer.bos_id,
+            "eos_token_id": tokenizer.eos_id,
+            "pad_token_id": tokenizer.pad_id,
+        }
     io_stream.write_bytes(
         json.dumps(config, indent=2).encode(), io_stream.join(path, "config.json")
     )
+    special = {k: config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    io_stream.write_bytes(
+        GenerationConfig(**special).to_json_string().encode(),
+        io_stream.join(path, "generation_config.json"),
+    )
     for name, data in (tokenizer.files() if tokenizer is not None else {}).items():
         io_stream.write_bytes(data, io_stream.join(path, name))
-    io_stream.write_bytes(
-        json.dumps({"format": "wmtp-mtp/1", "n_heads": model.n_heads}).encode(), marker
-    )
+    marker_data = {"format": "wmtp-mtp/1", "n_heads": model.n_heads, "saved_at": time.time()}
+    io_stream.write_bytes(json.dumps(marker_data).encode(), marker)

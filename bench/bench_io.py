@@ -2,6 +2,14 @@
 
     python bench/bench_io.py                      # full: 1 GiB safetensors, JSONL 100 MiB + 1 GiB
     python bench/bench_io.py --st-mib 64 --jsonl-mib 16 64   # quick
+    python bench/bench_io.py --latency-ms 30 --mbps-per-conn 80   # S3 at cloud latency, below
+
+At cloud latency (--latency-ms / --mbps-per-conn), s3rver sits behind bench/shaping_proxy.py
+(first byte of every request `latency` ms after it was sent, each connection capped at that many
+MB/s) and a `--size-mib` safetensors file is loaded three ways, each in its own process: the
+kit's read_safetensors (once per `--concurrency` x `--block-mib` setting), runai-model-streamer's
+S3 path (pip-installed into bench/_work/runai on first use, a benchmark-only install) and
+fs.get + load_file.
 
 Each figure runs in its own subprocess; peak RSS is resource.getrusage(RUSAGE_SELF).ru_maxrss,
 reported as the growth over the process's resident size just before the measured step (imports,
@@ -13,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -27,6 +36,9 @@ sys.path.insert(0, HERE)
 
 BUCKET = "bench"
 MiB = 2**20
+RUNAI = os.path.join(HERE, "_work", "runai")
+RUNAI_VERSION = "0.17.1"
+META_7B_1T_4 = 13.5e9  # bytes of Meta's 7B_1T_4 in bf16
 
 
 def peak_mib() -> float:
@@ -65,14 +77,20 @@ def measure(step: str, uri: str, work: str) -> dict:
 
     import io_stream
 
+    c, b = (
+        int(os.environ.get(k) or 0) or None for k in ("BENCH_MAX_CONCURRENCY", "BENCH_BLOCK_SIZE")
+    )
+    io_stream.configure_s3(max_concurrency=c, block_size=b)  # None: the kit's defaults
     fs = io_stream.s3_filesystem()
     fs.ls(BUCKET)  # open the connection pool before the clock starts
     tensors = make_tensors(int(os.environ["BENCH_WRITE_MIB"])) if step.startswith("write") else None
     base = reset_peak()  # import-time spikes must not count against the step
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     count = 0
     if step == "load-kit":
         count = sum(t.numel() * t.element_size() for t in io_stream.read_safetensors(uri).values())
+        setting = [c or io_stream.MAX_IN_FLIGHT, b or io_stream.BLOCK_SIZE]
     elif step == "load-get-file":  # (a) the old cache way: download, then load the local file
         local = os.path.join(work, "download.safetensors")
         fs.get(uri, local)
@@ -84,6 +102,13 @@ def measure(step: str, uri: str, work: str) -> dict:
 
         data = boto3.client("s3").get_object(Bucket=BUCKET, Key=uri.split("/", 3)[3])["Body"].read()
         loaded = safetensors.torch.load(data)
+        count = sum(t.numel() * t.element_size() for t in loaded.values())
+    elif step == "load-runai":  # Run:ai Model Streamer's own S3 client (C++), tensors owned
+        from runai_model_streamer import SafetensorsStreamer
+
+        with SafetensorsStreamer() as streamer:
+            streamer.stream_file(uri)
+            loaded = dict(streamer.get_tensors())
         count = sum(t.numel() * t.element_size() for t in loaded.values())
     elif step == "load-cat":  # (c) the ceiling: fetch the bytes, build nothing
         count = len(fs.cat_file(uri))
@@ -104,7 +129,9 @@ def measure(step: str, uri: str, work: str) -> dict:
     else:
         raise SystemExit(f"unknown step {step!r}")
     seconds = time.perf_counter() - t0
-    return {"s": seconds, "rss_mib": peak_mib() - base, "base_mib": base, "count": count}
+    cpu = time.process_time() - cpu0  # all of this process's threads
+    out = {"s": seconds, "cpu_s": cpu, "rss_mib": peak_mib() - base, "base_mib": base}
+    return {**out, "count": count, **({"setting": setting} if step == "load-kit" else {})}
 
 
 def run_once(step: str, uri: str, work: str, env: dict) -> dict:
@@ -120,16 +147,47 @@ def run_once(step: str, uri: str, work: str, env: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_steps(steps: list[str], uri: str, work: str, env: dict, repeat: int) -> dict[str, dict]:
-    """Run the steps round-robin `repeat` times (so noise hits all alike); fastest time, worst RSS."""
-    runs: dict[str, list[dict]] = {s: [] for s in steps}
+def run_variants(
+    variants: dict[str, tuple[str, dict]],
+    uri: str,
+    work: str,
+    repeat: int,
+    proxy: dict | None = None,
+) -> dict:
+    """Run {name: (step, env)} round-robin `repeat` times (so noise hits all alike); fastest time,
+    every time, worst RSS and (with the shaping proxy's counters) most connections of each. With
+    the proxy, a failed run is counted and reported instead of ending the benchmark."""
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    failed = dict.fromkeys(variants, 0)
     for _ in range(repeat):
-        for s in steps:
-            runs[s].append(run_once(s, uri, work, env))
+        for name, (step, env) in variants.items():
+            before = proxy["connections"] if proxy else 0
+            try:
+                r = run_once(step, uri, work, env)
+            except SystemExit as exc:
+                if proxy is None:
+                    raise
+                failed[name] += 1
+                print(f"{name}: a run failed: {str(exc).strip().splitlines()[-1]}", flush=True)
+                continue
+            runs[name].append({**r, "conns": proxy["connections"] - before if proxy else 0})
     return {
-        s: {**min(r, key=lambda x: x["s"]), "rss_mib": max(x["rss_mib"] for x in r)}
-        for s, r in runs.items()
+        name: {
+            **min(r, key=lambda x: x["s"]),
+            "times": [x["s"] for x in r],
+            "rss_mib": max(x["rss_mib"] for x in r),
+            "conns": max(x["conns"] for x in r),
+            "failed": failed[name],
+        }
+        if r
+        else {"failed": failed[name]}
+        for name, r in runs.items()
     }
+
+
+def run_steps(steps: list[str], uri: str, work: str, env: dict, repeat: int) -> dict[str, dict]:
+    """Run the steps round-robin with one environment (see run_variants)."""
+    return run_variants({s: (s, env) for s in steps}, uri, work, repeat)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,6 +232,115 @@ def row(what: str, kit: float, other: float, unit: str) -> str:
     return f"| {what} | {kit:,.2f} {unit} | {other:,.2f} {unit} | {kit / other:.2f}x |"
 
 
+def install_runai() -> str:
+    """pip-install runai-model-streamer and its S3 backend into bench/_work/runai unless there (a
+    benchmark-only install; torch, numpy and boto3 come from this environment); return the folder."""
+    if not os.path.exists(
+        os.path.join(RUNAI, "runai_model_streamer/libstreamer/lib/libstreamers3.so")
+    ):
+        pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", RUNAI]
+        pkgs = [
+            f"runai-model-streamer=={RUNAI_VERSION}",
+            f"runai-model-streamer-s3=={RUNAI_VERSION}",
+        ]
+        subprocess.run([*pip, *pkgs, "humanize"], check=True)
+    return RUNAI
+
+
+def cloud_load(args, work: str, env: dict, client) -> None:
+    """Load one safetensors file through the shaping proxy: kit settings, Run:ai, fs.get + load_file."""
+    from shaping_proxy import start_proxy
+
+    local = os.path.join(work, "cloud.safetensors")
+    prepare = [sys.executable, __file__, "--measure", "prepare", "--uri", local]
+    subprocess.run([*prepare, "--st-mib", str(args.size_mib)], check=True)
+    client.upload_file(local, BUCKET, "cloud.safetensors")
+    size = os.path.getsize(local) / MiB
+    os.unlink(local)
+    uri = f"s3://{BUCKET}/cloud.safetensors"
+    run_once("load-kit", uri, work, env)  # unshaped: warms s3rver's page cache, not reported
+
+    endpoint, stats, stop = start_proxy(
+        env["AWS_ENDPOINT_URL"],
+        latency_ms=args.latency_ms,
+        mbps_per_conn=args.mbps_per_conn,
+        max_conns=1024,  # Run:ai's S3 client (AWS CRT) opens many connections per worker
+        lifetime_s=6 * 3600,
+    )
+    shaped = {**env, "AWS_ENDPOINT_URL": endpoint}
+    variants = {}
+    for c in args.concurrency or [None]:
+        for b in args.block_mib or [None]:
+            setting = {
+                "BENCH_MAX_CONCURRENCY": str(c or ""),
+                "BENCH_BLOCK_SIZE": str((b or 0) * MiB),
+            }
+            name = f"kit, max_concurrency {c or 'default'}, block {f'{b} MiB' if b else 'default'}"
+            variants[name] = ("load-kit", {**shaped, **setting})
+    runai_env = {
+        **shaped,
+        "PYTHONPATH": os.pathsep.join(p for p in (install_runai(), env.get("PYTHONPATH")) if p),
+        "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    for c in args.runai_concurrency or [None]:
+        setting = {"RUNAI_STREAMER_CONCURRENCY": str(c)} if c else {}
+        variants[f"runai, concurrency {c or 'default'}"] = ("load-runai", {**runai_env, **setting})
+    if not args.no_get:
+        variants["fs.get + load_file"] = ("load-get-file", shaped)
+    try:
+        print(f"shaping proxy at {endpoint}", flush=True)
+        results = run_variants(variants, uri, work, args.repeat, stats)
+    finally:
+        stop()
+
+    print(
+        f"\n## load a {size:,.0f} MiB safetensors from S3: {args.latency_ms:g} ms to first byte, "
+        f"{args.mbps_per_conn:g} MB/s per connection\n"
+    )
+    ok = {n: r for n, r in results.items() if "s" in r}
+    runai_s = min((r["s"] for n, r in ok.items() if n.startswith("runai")), default=math.nan)
+    print(
+        "| method | time s (all runs) | MiB/s | RSS growth MiB | growth / file size | CPU s / GiB "
+        "| connections | time / best Run:ai |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
+        if name not in ok:
+            print(f"| {name} | failed in all {r['failed']} runs | | | | | | |")
+            continue
+        times = ", ".join([f"{t:.2f}" for t in r["times"]] + ["failed"] * r["failed"])
+        print(
+            f"| {name} | {r['s']:.2f} ({times}) | {size / r['s']:,.0f} | {r['rss_mib']:,.0f} | "
+            f"{r['rss_mib'] / size:.3f} | {r['cpu_s'] / size * 1024:.2f} | {r['conns']} | "
+            f"{r['s'] / runai_s:.2f}x |"
+        )
+    kits = {n: r for n, r in ok.items() if n.startswith("kit")}
+    best = min(kits, key=lambda n: kits[n]["s"])
+    k = kits[best]
+    print(
+        f"\nbest kit setting: {best}: time {k['s'] / runai_s:.2f}x the best Run:ai (goal <= 1.0) at "
+        f"RSS growth {k['rss_mib'] / size:.3f}x the file (goal <= 1.15)"
+    )
+    # projection for 7B_1T_4: what this machine moved, what the shaping alone allows (each of c
+    # connections: latency + block / rate per GET), and the kit's CPU on its one event-loop thread
+    here = size * MiB / k["s"]
+    c, block = k["setting"]
+    shaped = c * block / (args.latency_ms / 1e3 + block / (args.mbps_per_conn * 1e6 or math.inf))
+    cpu = k["cpu_s"] / (size * MiB) * META_7B_1T_4
+    print(
+        f"projection, Meta 7B_1T_4 ({META_7B_1T_4 / 1e9:.1f} GB bf16), goal < 30 s without a cache: "
+        f"{META_7B_1T_4 / here:.1f} s at this run's {here / 1e6:,.0f} MB/s; "
+        f"{META_7B_1T_4 / shaped:.1f} s where only the shaping limits ({c} x "
+        f"{block / MiB:g} MiB GETs: {shaped / 1e6:,.0f} MB/s); the kit's client CPU "
+        f"{cpu:.1f} s (one event-loop thread)"
+    )
+    print(
+        f"proxy: {stats['connections']} connections, {stats['requests']} requests, "
+        f"{stats['refused']} connections refused (over its max_conns)"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -183,6 +350,17 @@ def main() -> None:
         "--jsonl-mib", type=int, nargs="+", default=[100, 1024], help="JSONL sizes (MiB)"
     )
     ap.add_argument("--repeat", type=int, default=1, help="runs per figure (fastest time kept)")
+    ap.add_argument("--latency-ms", type=float, default=0, help="cloud mode: first-byte latency")
+    ap.add_argument(
+        "--mbps-per-conn", type=float, default=0, help="cloud mode: MB/s per connection"
+    )
+    ap.add_argument("--size-mib", type=int, default=2048, help="cloud mode: safetensors size (MiB)")
+    ap.add_argument("--concurrency", type=int, nargs="+", help="cloud mode: kit s3.max_concurrency")
+    ap.add_argument("--block-mib", type=int, nargs="+", help="cloud mode: kit s3.block_size (MiB)")
+    ap.add_argument(
+        "--runai-concurrency", type=int, nargs="+", help="cloud mode: RUNAI_STREAMER_CONCURRENCY"
+    )
+    ap.add_argument("--no-get", action="store_true", help="cloud mode: skip fs.get + load_file")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--uri", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -212,6 +390,9 @@ def main() -> None:
     client = boto3.client("s3")
     try:
         print(f"s3rver at {endpoint}; work dir {work}", flush=True)
+        if args.latency_ms or args.mbps_per_conn:
+            cloud_load(args, work, env, client)
+            return
         st_local = os.path.join(work, "model.safetensors")
         prepare = [sys.executable, __file__, "--measure", "prepare", "--uri", st_local]
         subprocess.run([*prepare, "--st-mib", str(args.st_mib)], check=True)

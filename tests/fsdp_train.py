@@ -15,6 +15,7 @@ from accelerate.state import AcceleratorState, PartialState  # noqa: E402
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin  # noqa: E402
 
 import train_mtp  # noqa: E402
+import wmtp_train  # noqa: E402
 from wmtp_train import run_cli  # noqa: E402
 
 
@@ -36,5 +37,5 @@ def fsdp_cpu_accelerator(cfg, grad_accum: int = 1) -> Accelerator:
 
 
 if __name__ == "__main__":
-    train_mtp.make_accelerator = fsdp_cpu_accelerator
+    wmtp_train.make_accelerator = fsdp_cpu_accelerator  # train_mtp imports it when it trains
     run_cli(train_mtp.main)

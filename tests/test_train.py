@@ -15,6 +15,7 @@ import train_critic
 import train_mtp
 from wmtp import load_config
 from wmtp_model import byte_tokenizer, init_mtp_model, load_tokenizer, save_model
+from wmtp_train import resolve_mlflow_uri
 from wmtp_train import run_cli as run_trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,10 +158,8 @@ def test_all_on_s3_with_stage1_handoff_through_s3_and_mlflow(s3, tmp_path, monke
     assert res["value_head"].startswith("s3://") and io_stream.exists(res["value_head"])
     version = mlflow.MlflowClient().get_model_version("wmtp_critic_value_head", res["version"])
     assert version.run_id == res["run_id"]
-    art = mlflow.MlflowClient().get_run(res["run_id"]).info.artifact_uri
-    assert art.startswith(f"{s3}/mlartifacts") and io_stream.exists(
-        f"{art}/value_head/value_head.safetensors"
-    )
+    head_file = resolve_mlflow_uri(f"models:/wmtp_critic_value_head/{res['version']}")
+    assert head_file.startswith(f"{s3}/mlartifacts/models/") and io_stream.exists(head_file)
     for source in (
         res["value_head"],
         f"models:/wmtp_critic_value_head/{res['version']}",
@@ -176,7 +175,7 @@ def test_all_on_s3_with_stage1_handoff_through_s3_and_mlflow(s3, tmp_path, monke
             ]
         )
         assert all(math.isfinite(v) for v in out["losses"])
-        assert out["run_dir"].startswith(f"{s3}/ckpt/critic-")
+        assert out["run_dir"].startswith(f"{s3}/ckpt/mtp-critic-")
         assert io_stream.latest_ckpt(out["run_dir"]).endswith("step_2")
     out = run_stage2(
         [
@@ -187,10 +186,9 @@ def test_all_on_s3_with_stage1_handoff_through_s3_and_mlflow(s3, tmp_path, monke
             "train.save_every=2",
         ]
     )
-    final_art = (
-        mlflow.MlflowClient().get_run(out["run_id"]).info.artifact_uri + "/model/config.json"
-    )
-    assert io_stream.exists(final_art)
+    tags = mlflow.MlflowClient().get_run(out["run_id"]).data.tags
+    assert resolve_mlflow_uri(tags["final_model_version"]) == tags["final_model"]
+    assert io_stream.exists(f"{tags['final_model']}/config.json")
 
 
 def test_resume_gives_the_same_losses(tmp_path):

@@ -37,20 +37,21 @@ VALUES = torch.tensor([[1.0, 2.0, 4.0, 4.0]])
 
 
 def test_critic_weights_heads():
-    # per position softmax: t0 softmax(1.5, 3), t1 softmax(3, 2), t2 [1]; then x 5/3
+    # per position softmax times its count of valid heads: t0 2·softmax(1.5, 3), t1 2·softmax(3, 2), t2 [1]
     w = critic_weights(
         VALUES, LABELS, discount=0.5, temperature=1.0, normalize="heads", eps=0.0, max_weight=100.0
     )
-    assert slots(w) == pytest.approx([0.304043, 1.362624, 1.218431, 0.448236, 1.666667], abs=1e-5)
+    assert slots(w) == pytest.approx([0.364851, 1.635149, 1.462117, 0.537883, 1.0], abs=1e-5)
     assert w[~VALID].eq(0).all()
 
 
 def test_critic_weights_heads_clipped():
-    # the same, clipped to [0.4, 1.5]: [0.4, 1.362624, 1.218431, 0.448236, 1.5], then x 5/4.929291
+    # the same in [0.4, 1.5], mean 1 per position: t0's 1.635 is capped at 1.5, its other slot
+    # takes the rest (0.5); t1 and t2 are inside the bounds
     w = critic_weights(
         VALUES, LABELS, discount=0.5, temperature=1.0, normalize="heads", eps=0.4, max_weight=1.5
     )
-    assert slots(w) == pytest.approx([0.405738, 1.382171, 1.235909, 0.454666, 1.521517], abs=1e-5)
+    assert slots(w) == pytest.approx([0.5, 1.5, 1.462117, 0.537883, 1.0], abs=1e-5)
     assert w.sum().item() == pytest.approx(5.0)
 
 
@@ -109,12 +110,15 @@ def test_oracle_reference_has_zero_excess_baseline():
 
 def test_rho1_weighted_tokens_and_heads():
     e = rho1_excess(CE_MODEL, REF_CE)  # valid slots: 1.5, 1.5, 0.0, 2.75, 0.25
-    w = rho1_weights(e, LABELS, temperature=1.0, normalize="tokens", eps=0.0, max_weight=100.0)
+    kw = dict(temperature=1.0, scope="batch")
+    w = rho1_weights(e, LABELS, normalize="tokens", eps=0.0, max_weight=100.0, **kw)
     assert slots(w) == pytest.approx([0.833336, 0.833336, 0.185942, 2.90863, 0.238755], abs=1e-5)
-    w = rho1_weights(e, LABELS, temperature=1.0, normalize="tokens", eps=0.05, max_weight=2.0)
-    assert slots(w) == pytest.approx([1.018407, 1.018407, 0.227237, 2.444169, 0.291779], abs=1e-5)
-    w = rho1_weights(e, LABELS, temperature=1.0, normalize="heads", eps=0.0, max_weight=100.0)
-    assert slots(w) == pytest.approx([0.833333, 0.833333, 0.100144, 1.566522, 1.666667], abs=1e-5)
+    # capped at 2: the other four share the remaining 3 in proportion (x 3/2.091369)
+    w = rho1_weights(e, LABELS, normalize="tokens", eps=0.05, max_weight=2.0, **kw)
+    assert slots(w) == pytest.approx([1.195393, 1.195393, 0.266728, 2.0, 0.342486], abs=1e-5)
+    # per position: t0 2·softmax(1.5, 1.5), t1 2·softmax(0, 2.75), t2 [1]
+    w = rho1_weights(e, LABELS, normalize="heads", eps=0.0, max_weight=100.0, **kw)
+    assert slots(w) == pytest.approx([1.0, 1.0, 0.120173, 1.879827, 1.0], abs=1e-5)
     assert w[~VALID].eq(0).all()
 
 
@@ -128,13 +132,13 @@ def test_rho1_skip_top_of_batch_with_ties_and_padding():
         ]
     )
     # 6 valid slots; keep 0.5 -> 3: 3.0 (row 1), 2.0, then the earliest of the tied 1.0s: (0,1) of row 0
-    w = rho1_weights(excess, labels, mode="skip", keep_ratio=0.5)
+    w = rho1_weights(excess, labels, mode="skip", keep_ratio=0.5, scope="batch")
     assert w.tolist() == [
         [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]],
         [[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]],
     ]
     # keep 0.7 of 6 = 4.2 -> 4 slots
-    assert rho1_weights(excess, labels, mode="skip", keep_ratio=0.7).sum().item() == 4.0
+    assert rho1_weights(excess, labels, mode="skip", keep_ratio=0.7, scope="batch").sum() == 4
     assert (
         rho1_weights(excess, labels, mode="skip", keep_ratio=1.0).tolist()
         == (labels != X).float().tolist()
@@ -151,7 +155,7 @@ def test_weights_are_detached_nonnegative_and_zero_on_invalid():
         critic_weights(values, labels),
         critic_weights(values, labels, normalize="tokens"),
         rho1_weights(excess, labels),
-        rho1_weights(excess, labels, normalize="heads"),
+        rho1_weights(excess, labels, normalize="heads", scope="batch"),
         rho1_weights(excess, labels, mode="skip"),
     ):
         assert not w.requires_grad

@@ -1,0 +1,194 @@
+"""Greedy and self-speculative decoding, checked against a cache-free argmax loop and a known corpus."""
+
+import os
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import wmtp
+from wmtp_decode import greedy_decode, greedy_decode_batch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n"  # 50 bytes, repeated
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the CI machine is shared."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def random_model(n_heads: int, seed: int = 0):
+    """A random fp32 GQA model (4 attention heads, 2 KV heads) with a small vocabulary."""
+    return wmtp.init_mtp_model(
+        vocab_size=13,
+        dim=32,
+        n_layers=n_heads + 2,
+        n_heads=n_heads,
+        n_attn_heads=4,
+        n_kv_heads=2,
+        ffn_dim=64,
+        seed=seed,
+    )
+
+
+def naive_greedy(model, prompt: list[int], n: int, eos_id: int | None = None) -> list[int]:
+    """Argmax of head 0 at the last position of a full, cache-free forward, one token at a time."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1, 0].argmax()))
+            if ids[-1] == eos_id:
+                break
+    return ids[len(prompt) :]
+
+
+@pytest.fixture(scope="module")
+def corpus_model():
+    """A tiny 4-head model trained with wmtp.mtp_loss on the repeated CORPUS until its heads know it."""
+    tok = wmtp.byte_tokenizer()
+    text = torch.tensor(tok.encode(CORPUS * 3))
+    model = wmtp.init_mtp_model(
+        vocab_size=tok.vocab_size,
+        dim=64,
+        n_layers=6,
+        n_heads=4,
+        n_attn_heads=4,
+        n_kv_heads=2,
+        ffn_dim=128,
+        seed=0,
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        starts = torch.randint(0, len(CORPUS), (8,), generator=g).tolist()
+        x = torch.stack([text[s : s + 48] for s in starts])
+        labels = wmtp.mtp_targets(x, torch.ones_like(x, dtype=torch.bool), 4)
+        loss, _ = wmtp.mtp_loss(model, x, labels, checkpoint_heads=False)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), text.tolist()
+
+
+def test_cached_trunk_and_heads_equal_the_full_forward():
+    model = random_model(4)
+    ids = torch.randint(0, 13, (2, 9), generator=torch.Generator().manual_seed(1))
+    full = model(ids)
+    cache = DynamicCache()
+    logits = []
+    with torch.no_grad():
+        for a, b in [(0, 5), (5, 6), (6, 9)]:  # a prefill, one token, then three at once
+            pos = torch.arange(a, b).unsqueeze(0)
+            hidden, ctx = model.run_trunk(ids[:, a:b], cache=cache, position_ids=pos)
+            logits.append(
+                torch.stack([model.lm_head(model.run_head(k, hidden, ctx)) for k in range(4)], 2)
+            )
+    assert len(cache.layers) == len(model.layers) + 4  # the trunk's layers, then one per head
+    torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_heads", [1, 2, 4])
+def test_plain_and_speculative_equal_a_cache_free_argmax_loop(n_heads):
+    model = random_model(n_heads, seed=n_heads)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    expected = naive_greedy(model, prompt, 40)
+    assert greedy_decode(model, prompt, 40) == (expected, 40)  # one forward per token
+    stats = {}
+    out, forwards = greedy_decode(model, prompt, 40, speculative=True, stats=stats)
+    assert out == expected
+    assert forwards == stats["forwards"] <= 40
+    assert stats["tokens"] == 40 and len(stats["head_acceptance"]) == n_heads - 1
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_batch_rows_of_different_lengths_decode_as_alone(speculative):
+    model = random_model(4, seed=7)
+    prompts = [[5, 2], [1, 2, 3, 4, 5, 6, 7], [11]]
+    alone = [naive_greedy(model, p, 30) for p in prompts]
+    outs, stats = greedy_decode_batch(model, prompts, 30, speculative=speculative)
+    assert outs == alone
+    # an eos that one row emits early: that row stops, the others go on
+    eos = alone[0][3]
+    alone = [naive_greedy(model, p, 30, eos_id=eos) for p in prompts]
+    assert len({len(a) for a in alone}) > 1
+    outs, _ = greedy_decode_batch(model, prompts, 30, speculative=speculative, eos_id=eos)
+    assert outs == alone
+
+
+def test_speculative_equals_a_cache_free_loop_at_the_default_config_shape():
+    m = wmtp.load_config(os.path.join(ROOT, "config.yaml")).model
+    model = wmtp.init_mtp_model(
+        vocab_size=m.vocab_size,
+        dim=m.dim,
+        n_layers=m.n_layers,
+        n_heads=m.n_heads,
+        n_attn_heads=m.n_attn_heads,
+        n_kv_heads=m.n_kv_heads,
+        max_seq_len=m.max_seq_len,
+    )
+    tok = wmtp.byte_tokenizer()
+    prompts = [[tok.bos_id, *tok.encode("def f(x):\n")], [tok.bos_id, *tok.encode("# sort")]]
+    alone = [naive_greedy(model, p, 24) for p in prompts]
+    assert greedy_decode_batch(model, prompts, 24, speculative=True)[0] == alone
+    assert greedy_decode(model, prompts[0], 24, speculative=True)[0] == alone[0]
+
+
+def test_trained_heads_decode_the_corpus_in_few_forwards(corpus_model):
+    model, text = corpus_model
+    prompt, truth = text[5:15], text[15:51]  # the corpus itself says what greedy must produce
+    assert greedy_decode(model, prompt, 36) == (truth, 36)
+    stats = {}
+    out, forwards = greedy_decode(model, prompt, 36, speculative=True, stats=stats)
+    assert out == truth
+    assert forwards * 2.5 <= 36
+    assert stats["tokens_per_forward"] >= 2.5
+    assert len(stats["head_acceptance"]) == 3 and min(stats["head_acceptance"]) >= 0.8
+    assert stats["accepted"][0] >= stats["accepted"][1] >= stats["accepted"][2] > 0
+
+
+def test_eos_inside_an_accepted_draft_and_max_new_tokens_mid_draft(corpus_model):
+    model, text = corpus_model
+    prompt = text[:12]
+    full = naive_greedy(model, prompt, 24)
+    # heads 1..3 are accepted at the second forward, so tokens 1-3 come from drafts
+    assert greedy_decode(model, prompt, 24, speculative=True)[1] <= 24 // 3
+    for n in range(1, 25):
+        assert greedy_decode(model, prompt, n, speculative=True)[0] == full[:n]
+    for i, tok in enumerate(full):
+        if tok not in full[:i]:  # first occurrence: decoding with eos_id=tok stops right after it
+            out, forwards = greedy_decode(model, prompt, 24, speculative=True, eos_id=tok)
+            assert out == full[: i + 1]
+            assert forwards <= i + 1
+
+
+def test_batched_speculative_rows_accept_different_lengths(corpus_model):
+    model, text = corpus_model
+    prompts = [text[3:20], [7, 200, 100, 9], text[30:34]]
+    solo = []
+    for p in prompts:
+        stats = {}
+        out, _ = greedy_decode(model, p, 30, speculative=True, stats=stats)
+        assert out == naive_greedy(model, p, 30)
+        solo.append(stats)
+    assert solo[0]["head_acceptance"] != solo[1]["head_acceptance"]
+    outs, stats = greedy_decode_batch(model, prompts, 30, speculative=True)
+    assert outs == [naive_greedy(model, p, 30) for p in prompts]
+    assert stats["row_forwards"] == sum(s["forwards"] for s in solo)
+    assert stats["forwards"] == max(s["forwards"] for s in solo)
+    assert stats["tokens"] == 90
+
+
+def test_bad_input_and_zero_tokens():
+    model = random_model(2)
+    assert greedy_decode(model, [1, 2], 0, speculative=True) == ([], 0)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        greedy_decode_batch(model, [[1], []], 4)
+    with pytest.raises(ValueError, match="prompt 0 has token id 13 outside"):
+        greedy_decode(model, [1, 13], 4)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        greedy_decode(model, [1], -1)

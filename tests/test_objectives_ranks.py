@@ -1,0 +1,168 @@
+"""Issue 12's multi-process and fresh-process checks (torchrun over gloo on CPU, like
+tests/test_distributed.py): ranks stop stage 1 together, accumulation and ranks give the same
+update, bf16 autocast trains fp32 masters, fp32 losses and lm_head hooks under FSDP2."""
+
+import json
+import os
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import torch
+from conftest import free_port
+from test_distributed import launch
+from test_objectives import (
+    CONFIG,
+    ROOT,
+    assert_fp32_masters_moved,
+    bf16_base_run,
+    clean_mlflow,  # noqa: F401  (autouse fixture)
+    tiny,
+    value_reference,
+)
+from test_train import TINY, make_config, run_stage2, write_dataset
+
+import io_stream
+import wmtp_train
+from wmtp import load_config
+from wmtp_data import ValueHead
+from wmtp_model import load_model
+
+
+def test_two_rank_critic_stops_together_and_scores_every_heldout_example(tmp_path):
+    """Stage 1 on 2 processes: early stopping decided on global held-out sums, identically on
+    both ranks (no rank left waiting in an all-reduce), and the held-out metrics are the
+    one-process values over every held-out example."""
+    data = str(tmp_path / "d.jsonl")
+    write_dataset(data, n=40)
+    sets = [
+        *TINY,
+        f"paths.datasets={{toy: {data}}}",
+        "data.train=[toy]",
+        "data.heldout_fraction=0.5",
+        f"paths.value_head={tmp_path / 'vh.safetensors'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        f"mlflow.artifact_location={tmp_path}/mlartifacts",
+        "critic.max_steps=40",
+        "critic.eval_every=1",
+        "critic.patience=1",
+        "critic.min_delta=0",
+        "critic.batch_size=3",
+        "critic.lr=5e-3",  # per-rank decisions disagree here: one rank left the loop, one hung
+    ]
+    args = ["--config", CONFIG, *(a for s in sets for a in ("--set", s))]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = ROOT
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_port()), os.path.join(ROOT, "tests", "critic_worker.py"), *args,
+    ]  # fmt: skip
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert sorted(x["rank"] for x in ranks) == [0, 1]
+    assert ranks[0]["steps"] == ranks[1]["steps"] < 40  # stopped early, at the same step
+    cfg = load_config(CONFIG, sets)
+    head = ValueHead(32)
+    head.load_state_dict(io_stream.read_safetensors(cfg.paths.value_head))
+    G, V = value_reference(
+        tiny(seed=cfg.train.seed), head, wmtp_train.iter_examples(cfg, "heldout"), 96, 0.99
+    )
+    for x in ranks:
+        assert x["heldout_value_loss"] == pytest.approx(((G - V) ** 2).mean().item(), rel=1e-4)
+
+
+def write_four_examples(path) -> None:
+    """Two short and two long examples: per-micro-batch means would weigh their slots unequally."""
+    recs = [
+        {"prompt": "# a\n", "completion": "x = 1\n", "label": 1.0},
+        {"prompt": "# b\n", "completion": "y = 2\n", "label": 0.0},
+        {"prompt": "# c\n", "completion": "def f(x):\n    s = 0\n    for i in x:\n"
+         "        s += i * i\n    return s\n", "label": 1.0},
+        {"prompt": "# d\n", "completion": "def g(a, b):\n    while b:\n        a, b = b, a % b\n"
+         "    return a\n", "label": 0.0},
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_accumulation_and_ranks_give_the_same_update(tmp_path):
+    """Batch 4 x accumulation 1, batch 2 x accumulation 2, 2 ranks x batch 2 (DDP) and 2 ranks x
+    batch 2 under FSDP2 train one step from the same four examples (critic weights) and end with
+    the same weights and the same logged loss."""
+    data = tmp_path / "four.jsonl"
+    write_four_examples(data)
+    torch.manual_seed(5)
+    vh = str(tmp_path / "vh.safetensors")
+    io_stream.write_safetensors(ValueHead(32).state_dict(), vh)
+    common = make_config(
+        str(tmp_path),
+        tmp_path,
+        f"paths.datasets={{toy: {data}}}",
+        "data.shuffle=false",
+        "train.algo=critic",
+        f"critic.value_head={vh}",
+        "critic.temperature=0.3",
+        "train.max_steps=1",
+        "train.save_every=100",
+        "train.lr=1e-2",
+        "train.warmup_steps=0",  # the first step at the full lr
+    )
+    runs = {
+        "b4": run_stage2([*common, "train.batch_size=4", "train.run_name=b4"]),
+        "b2a2": run_stage2([*common, "train.batch_size=2", "train.grad_accum=2", "train.run_name=b2a2"]),
+    }  # fmt: skip
+    args = ["--config", CONFIG, *(a for s in common for a in ("--set", s))]
+    for name, script in (("ddp", "train_mtp.py"), ("fsdp", "tests/fsdp_train.py")):
+        r = launch(script, [*args, "--set", f"train.run_name={name}"], tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+    finals = {
+        name: load_model(str(tmp_path / "ckpt" / name / "final"))
+        for name in ("b4", "b2a2", "ddp", "fsdp")
+    }
+    # AdamW's first step moves an entry by lr·g/(|g| + 1e-8): float noise in a gradient near 1e-8
+    # moves a few dozen entries by up to a few % of lr; a mis-weighted objective (per-micro-batch means:
+    # 56 and 532 slots here) moves ~29,000 of the 155,168 by more than 5 % of lr, up to 2·lr
+    start = tiny(seed=42)  # the config's random model (train.seed 42)
+    for name, model in finals.items():
+        off, moved = 0, 0
+        for (key, p), q, p0 in zip(
+            model.named_parameters(), finals["b4"].parameters(), start.parameters()
+        ):
+            torch.testing.assert_close(p, q, atol=0.05 * 1e-2, rtol=0, msg=f"{name}: {key}")
+            off += int(((p - q).abs() > 1e-6).sum())
+            moved += int((p != p0).sum())
+        assert off < 200 and moved > 100_000, (name, off, moved)  # vs ~69,000 off with the bug
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("wmtp").experiment_id
+    logged = {r.info.run_name: r.data.metrics["loss"] for r in client.search_runs([exp])}
+    assert logged["b2a2"] == pytest.approx(logged["b4"], rel=1e-5)
+    assert logged["ddp"] == pytest.approx(logged["b4"], rel=1e-5)
+    assert logged["fsdp"] == pytest.approx(logged["b4"], rel=1e-5)
+    assert runs["b4"]["losses"][0] == pytest.approx(logged["b4"])
+
+
+def test_bf16_autocast_trains_fp32_master_weights_and_optimizer_state(tmp_path):
+    """train.mixed_precision bf16: compute in bf16 through autocast, masters and AdamW in fp32
+    (accelerate sets the precision once per process, hence a fresh one)."""
+    base, overrides = bf16_base_run(tmp_path, "bf16")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    sets = [a for o in overrides for a in ("--set", o)]
+    cmd = [sys.executable, os.path.join(ROOT, "train_mtp.py"), "--config", CONFIG, *sets]
+    r = subprocess.run(
+        cmd, cwd=tmp_path, env=env | {"PYTHONPATH": ROOT}, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_fp32_masters_moved(tmp_path, base)
+
+
+def test_fsdp2_losses_are_fp32_and_lm_head_runs_forward(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_port()), os.path.join(ROOT, "tests", "fsdp_objectives_worker.py"),
+    ]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "FAILED" not in r.stdout, r.stdout
+    assert r.stdout.count("objectives FSDP checks passed") == 2

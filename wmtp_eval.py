@@ -1,0 +1,606 @@
+"""Evaluation: completions from head 0, programs checked in a sandboxed process, pass@k.
+
+Read top to bottom: pass@k -> the sandbox (`check_program`) -> problems and programs ->
+`generate` -> `evaluate` (all of it for one dataset) -> the trainer's periodic greedy pass@1.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import queue
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import GenerationConfig, LlamaForCausalLM, StoppingCriteria
+
+import io_stream
+from wmtp_data import dataset_file, iter_dataset, prompt_ids
+from wmtp_model import MTPModel, _kit_key
+
+if TYPE_CHECKING:
+    from wmtp import Config
+
+# Stop sequences (a completion is cut at the first one). HumanEval completes a function body, so
+# a new top-level statement ends it (Chen et al. 2021); an MBPP completion is a whole program
+# that may define helpers and classes, so only test or script code ends it.
+STOP = {
+    "humaneval": ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\nassert ", "\n#"),
+    "mbpp": ("\nassert ", "\nprint(", "\nif __name__", "\n```"),
+}
+MEMORY_LIMIT = 4 * 2**30  # bytes of address space a checked program may map
+FILE_LIMIT = 16 * 2**20  # bytes a checked program may write to one file
+OUTPUT_TAIL = 2**16  # bytes of a program's stdout/stderr kept (the rest is read and dropped)
+
+# ---------------------------------------------------------------------------------------------
+# pass@k
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of Chen et al. 2021 from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 1 <= k <= n, got k={k} with n={n} samples")
+    if n - c < k:
+        return 1.0
+    # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k/i): no huge binomials
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The sandbox
+#
+# A sandbox server is a `python -I` started with an empty environment in its own session. For
+# every program it forks a supervisor, which starts a session of its own in the program's fresh
+# temp folder and forks the runner: the runner lowers its resource limits, installs an audit
+# hook, runs the program and, only if the program returned, writes a random sentinel. The
+# server kills the supervisor's whole process group when it is done or the time is up, reaps
+# everything, and answers with one line. The program's parent is the supervisor, never the
+# evaluator, and forking from a clean server costs milliseconds where a new interpreter costs
+# tens of them.
+
+_SERVER = r"""
+import ctypes, json, os, resource, select, signal, sys
+
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: a job's orphans come back here
+
+
+def run(job, out_w):
+    # the runner: output to the supervisor's pipe, limits, audit hook, program, sentinel
+    os.dup2(out_w, 1)
+    os.dup2(out_w, 2)
+    os.close(out_w)
+    report, write, leave, home = os.dup(1), os.write, os._exit, os.getcwd()
+    for what, soft, hard in ((resource.RLIMIT_AS, job["memory"], job["memory"]),
+                             (resource.RLIMIT_CPU, job["cpu"], job["cpu"] + 1),
+                             (resource.RLIMIT_FSIZE, job["fsize"], job["fsize"]),
+                             (resource.RLIMIT_NPROC, 0, 0), (resource.RLIMIT_CORE, 0, 0)):
+        resource.setrlimit(what, (soft, hard))
+    BLOCKED = {"os.kill", "os.killpg", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn",
+               "os.exec", "os.system", "subprocess.Popen", "ctypes.dlopen", "resource.setrlimit",
+               "resource.prlimit", "socket.connect", "socket.bind", "socket.sendto",
+               "socket.sendmsg"}
+    CHANGES = {"os.remove", "os.rmdir", "os.rename", "os.mkdir", "os.symlink", "os.link",
+               "os.chmod", "os.chown", "os.truncate", "os.utime", "os.setxattr",
+               "os.removexattr", "shutil.rmtree"}
+    IMPORTS = {"_posixsubprocess", "_ctypes", "_signal", "posix"}  # raw fork/exec, or restoring
+    WRITES = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+    def outside(path):
+        real = os.path.realpath(os.fsdecode(path))
+        return not (real in (home, os.devnull) or real.startswith(home + os.sep))
+
+    def guard(event, args):
+        if event in BLOCKED or (event == "import" and args[0] in IMPORTS):
+            raise PermissionError(f"sandbox: {event} {args[0] if args else ''} is not allowed")
+        paths = ()
+        if event == "open" and isinstance(args[0], (str, bytes)) and args[2] & WRITES:
+            paths = args[:1]
+        elif event in CHANGES:
+            paths = [a for a in args if isinstance(a, (str, bytes, os.PathLike))]
+        for path in paths:
+            if outside(path):
+                raise PermissionError(f"sandbox: {event} {path!r} is outside the temp folder")
+
+    # unaudited ways to signal other processes or to leave the process group
+    for module in ("os", "posix"):
+        for name in ("pidfd_open", "setsid", "setpgid", "setpgrp"):
+            setattr(sys.modules[module], name, None)
+    for module in ("signal", "_signal"):
+        setattr(sys.modules[module], "pidfd_send_signal", None)
+    try:
+        code = compile(job["program"], "<program>", "exec")
+        sys.addaudithook(guard)
+        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+        outcome = "passed"
+    except BaseException as exc:
+        try:
+            why = str(exc)
+        except BaseException:
+            why = ""
+        outcome = f"failed: {type(exc).__name__}" + (f": {why}" if why else "")
+    sentinel = job["sentinel"].encode()
+    write(report, b"\n" + sentinel + b" " + " ".join(outcome.split())[:300].encode() + b"\n")
+    leave(0)
+
+
+def supervise(job, result_w):
+    # the supervisor: own session in the temp folder, runs the runner, reads its output's tail
+    os.setsid()
+    os.chdir(job["home"])
+    os.environ.update(HOME=job["home"], TMPDIR=job["home"])
+    out_r, out_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(out_r)
+        os.close(result_w)
+        run(job, out_w)
+    os.close(out_w)
+    tail, sentinel = b"", job["sentinel"].encode() + b" "
+    while chunk := os.read(out_r, 65536):
+        tail = (tail + chunk)[-job["tail"]:]
+    _, status = os.waitpid(pid, 0)
+    at = tail.rfind(sentinel)
+    if at >= 0:
+        return tail[at + len(sentinel):].split(b"\n")[0].decode(errors="replace")
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        if sig == signal.SIGXCPU:
+            return "timed out (CPU limit)"
+        return f"failed: killed by {signal.Signals(sig).name}"
+    return f"failed: exited with code {os.WEXITSTATUS(status)} before the end"
+
+
+for line in sys.stdin.buffer:
+    job = json.loads(line)
+    result_r, result_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(result_r)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        try:
+            outcome = supervise(job, result_w)
+        except BaseException as exc:
+            outcome = f"failed: sandbox error ({type(exc).__name__}: {exc})"
+        os.write(result_w, outcome.encode()[:4000])
+        os._exit(0)
+    os.close(result_w)
+    pidfd = os.pidfd_open(pid)
+    finished = bool(select.select([pidfd], [], [], job["timeout"])[0])
+    os.close(pidfd)
+    for kill in (os.killpg, os.kill):  # the group; the supervisor alone if it had no session yet
+        try:
+            kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    outcome = os.read(result_r, 4096).decode(errors="replace") if finished else "timed out"
+    os.close(result_r)
+    while True:  # the supervisor, and the runner if the kill orphaned it
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+    sys.stdout.write(json.dumps({"status": outcome or "failed: the sandbox stopped"}) + "\n")
+    sys.stdout.flush()
+"""
+
+
+def _clean_env() -> dict[str, str]:
+    """The sandbox's whole environment: none of the parent's variables (no AWS_*, MLFLOW_*)."""
+    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1"}
+
+
+def start_sandbox() -> subprocess.Popen:
+    """A sandbox server (see above); `check_program(..., sandbox=it)` reuses it."""
+    return subprocess.Popen(
+        [sys.executable, "-I", "-B", "-u", "-c", _SERVER],
+        cwd="/",
+        env=_clean_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def stop_sandbox(sandbox: subprocess.Popen) -> None:
+    """End a sandbox server (it exits when its input closes)."""
+    try:
+        sandbox.stdin.close()
+    except OSError:
+        pass
+    try:
+        sandbox.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        os.killpg(sandbox.pid, signal.SIGKILL)
+        sandbox.wait()
+    sandbox.stdout.close()
+
+
+def _reply(fd: int, timeout: float) -> bytes | None:
+    """One line from the sandbox server, or None if it sends none within `timeout` seconds."""
+    data, deadline = b"", time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def check_program(
+    program: str,
+    *,
+    timeout: float = 10.0,
+    memory: int = MEMORY_LIMIT,
+    sandbox: subprocess.Popen | None = None,
+) -> tuple[bool, str]:
+    """Run `program` in a sandboxed process; (True, "passed") only if it ran to its end.
+
+    Otherwise (False, why): "failed: AssertionError", "failed: SystemExit: 0", "timed out",
+    "failed: exited with code 0 before the end", ... The program runs in a fresh temp folder
+    (removed after) with an empty environment, `python -I`, limits on address space (`memory`
+    bytes), CPU seconds, file size and new processes, and an audit hook that refuses kill, fork,
+    exec, subprocess, ctypes, sockets and writes outside its folder. Its whole process group is
+    killed when it ends or after `timeout` seconds. `sandbox` (from `start_sandbox`) saves
+    starting a server per call. Not a security boundary against code written to escape: run
+    untrusted code inside a container or VM as well.
+    """
+    server = sandbox or start_sandbox()
+    try:
+        with tempfile.TemporaryDirectory(prefix="wmtp-check-", ignore_cleanup_errors=True) as home:
+            job = {
+                "program": program,
+                "sentinel": secrets.token_hex(16),
+                "home": os.path.realpath(home),
+                "timeout": timeout,
+                "memory": memory,
+                "cpu": math.ceil(timeout) + 1,
+                "fsize": FILE_LIMIT,
+                "tail": OUTPUT_TAIL,
+            }
+            try:
+                server.stdin.write(json.dumps(job).encode() + b"\n")
+                server.stdin.flush()
+                reply = _reply(server.stdout.fileno(), timeout + 5)
+            except OSError:  # the server is gone
+                reply = None
+        if reply is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+            return False, "failed: the sandbox stopped"
+        status = json.loads(reply)["status"]
+        return status == "passed", status
+    finally:
+        if sandbox is None:
+            stop_sandbox(server)
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems and programs
+
+
+class Problem(NamedTuple):
+    """One evaluation problem: what the model sees, and the code around its completion."""
+
+    id: str
+    prompt: str  # the model's input after BOS (training's prompt for the same record)
+    head: str  # code before the completion (HumanEval: the prompt; MBPP: nothing)
+    tests: str  # code after the completion
+    reference: str  # the dataset's own solution, a completion that must pass
+
+
+def program(problem: Problem, completion: str) -> str:
+    """The program that checks a completion: head + completion + tests."""
+    return problem.head + completion + problem.tests
+
+
+def load_problems(path: str, split: str = "test", limit: int | None = None) -> tuple[str, list]:
+    """(kind, problems) of a HumanEval or MBPP dataset file or folder, local or S3.
+
+    HumanEval: program = prompt + completion + test + check(entry_point). MBPP: program =
+    completion + test_setup_code + test_list (the challenge tests are not run). Prompts come
+    from `iter_dataset`, as training builds them.
+    """
+    file = dataset_file(path, split)
+    kind, problems = None, []
+    records = io_stream.iter_records(file)
+    for n, (rec, ex) in enumerate(zip(records, iter_dataset(file, split)), 1):
+        if kind is None:
+            if "entry_point" in rec and "test" in rec:
+                kind = "humaneval"
+            elif "test_list" in rec:
+                kind = "mbpp"
+            else:
+                raise ValueError(
+                    f"{file}: record 1: evaluation needs HumanEval (prompt, test, entry_point) "
+                    f"or MBPP (text, code, test_list) records, not fields {sorted(rec)}"
+                )
+        if kind == "humaneval":
+            head, tests = rec["prompt"], f"\n{rec['test']}\ncheck({rec['entry_point']})\n"
+        else:
+            setup = (rec.get("test_setup_code") or "").replace("\r\n", "\n")
+            tests = "\n" + setup + "\n" + "\n".join(rec["test_list"]) + "\n"
+            head = ""
+        problems.append(Problem(ex.id, ex.prompt, head, tests, ex.completion))
+        if limit is not None and n >= limit:
+            break
+    if kind is None:
+        raise ValueError(f"{file}: no problems in this file")
+    return kind, problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The next-token model that transformers' `generate` runs: an HF causal LM as it is; an
+    MTPModel (the kit's or Meta's) as a LlamaForCausalLM sharing its trunk, head 0, final norm
+    and unembedding (the same Parameters, no copy)."""
+    if not isinstance(model, MTPModel):
+        return model
+    n_trunk = len(model.layers)
+    with init_empty_weights():
+        lm = LlamaForCausalLM(copy.deepcopy(model.config))
+    state = {
+        _kit_key(name, n_trunk): p
+        for name, p in model.state_dict(keep_vars=True).items()
+        if not name.startswith("heads.") or name.startswith("heads.0.")
+    }
+    lm.load_state_dict(state, strict=True, assign=True)
+    return lm.to(model.lm_head.weight.device).eval()
+
+
+class _StopStrings(StoppingCriteria):
+    """Per row: done once the text generated after column `start` contains a stop string."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...], start: int):
+        self.tokenizer, self.stop, self.start = tokenizer, stop, start
+        self.window = max(map(len, stop)) + 2  # tokens: each holds at least one character
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        done = []
+        for row in input_ids[:, self.start :].tolist():
+            text = self.tokenizer.decode(row[-self.window :])
+            done.append(any(s in text for s in self.stop))
+        return torch.tensor(done, device=input_ids.device)
+
+
+def _completion(tokenizer, ids: list[int], stop: tuple[str, ...]) -> str:
+    """Text of generated ids up to the first EOS, cut before the first stop string."""
+    if tokenizer.eos_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_id)]
+    text = tokenizer.decode(ids)
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    *,
+    n: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    stop: Iterable[str] = (),
+    seed: int = 0,
+    batch_size: int = 8,
+) -> list[list[str]]:
+    """n completions per prompt from head 0: greedy (temperature 0) or sampled, through
+    transformers' `generate` with its KV cache, `batch_size` prompts at a time, left-padded.
+
+    The input is BOS + the prompt's tokens, exactly as training starts a sequence (the prompt
+    loses tokens on the left if it does not fit beside max_new_tokens). A completion ends at EOS
+    and is cut before the first stop string. Sampling is seeded and leaves the global RNG as it was.
+    """
+    if n > 1 and temperature == 0:
+        raise ValueError(f"n={n} samples per prompt need temperature > 0 (greedy gives one)")
+    stop = tuple(stop)
+    lm = causal_lm(model)
+    device = next(lm.parameters()).device
+    room = lm.config.max_position_embeddings - max_new_tokens - 1
+    if room < 0:
+        raise ValueError(
+            f"max_new_tokens {max_new_tokens} does not fit in the model's "
+            f"{lm.config.max_position_embeddings} positions"
+        )
+    sampled = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=n,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+        **(sampled if temperature > 0 else {"do_sample": False}),
+    )
+    out: list[list[str]] = []
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            rows = [prompt_ids(tokenizer, p, room) for p in prompts[start : start + batch_size]]
+            width = max(map(len, rows))
+            ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, row in enumerate(rows):
+                ids[i, width - len(row) :] = torch.tensor(row)
+                mask[i, width - len(row) :] = 1
+            seqs = lm.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                generation_config=config,
+                stopping_criteria=[_StopStrings(tokenizer, stop, width)] if stop else None,
+            )
+            texts = [_completion(tokenizer, r, stop) for r in seqs[:, width:].tolist()]
+            out += [texts[i : i + n] for i in range(0, len(texts), n)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def score(
+    samples: Iterable[tuple[Problem, list[str]]],
+    *,
+    k: Iterable[int] = (1,),
+    workers: int = 2,
+    timeout: float = 10.0,
+    on_result: Callable[[dict], None] | None = None,
+) -> dict:
+    """Check every (problem, completions) pair's programs in a pool of `workers` sandboxes and
+    return {"pass@k": {k: mean over problems}, "problems": {id: (n, correct)}}.
+
+    Checks start as soon as a pair arrives (generation of the next batch overlaps them), and
+    `on_result` gets {"task_id", "sample", "completion", "passed", "status"} as each finishes.
+    """
+    counts: dict[str, list[int]] = {}
+    pending: dict[Future, tuple[str, int, str]] = {}
+
+    def finish(futures: Iterable[Future]) -> None:
+        for fut in futures:
+            task_id, j, completion = pending.pop(fut)
+            passed, status = fut.result()
+            counts[task_id][1] += passed
+            if on_result is not None:
+                on_result(
+                    {
+                        "task_id": task_id,
+                        "sample": j,
+                        "completion": completion,
+                        "passed": passed,
+                        "status": status,
+                    }
+                )
+
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(workers):
+        free.put(start_sandbox())
+
+    def check(source: str) -> tuple[bool, str]:
+        server = free.get()
+        try:
+            return check_program(source, timeout=timeout, sandbox=server)
+        finally:
+            free.put(server if server.poll() is None else start_sandbox())
+
+    try:
+        with ThreadPoolExecutor(workers) as pool:  # a worker waits on one sandbox at a time
+            for problem, completions in samples:
+                counts[problem.id] = [len(completions), 0]
+                for j, completion in enumerate(completions):
+                    pending[pool.submit(check, program(problem, completion))] = (
+                        problem.id,
+                        j,
+                        completion,
+                    )
+                finish([f for f in list(pending) if f.done()])
+            finish(as_completed(list(pending)))
+    finally:
+        for _ in range(workers):
+            stop_sandbox(free.get())
+    ks = sorted(set(k))
+    return {
+        "pass@k": {
+            kk: sum(pass_at_k(n, c, kk) for n, c in counts.values()) / max(len(counts), 1)
+            for kk in ks
+        },
+        "problems": {task_id: tuple(nc) for task_id, nc in counts.items()},
+    }
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    dataset: str,
+    *,
+    split: str = "test",
+    n: int = 1,
+    k: Iterable[int] = (1,),
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    limit: int | None = None,
+    workers: int = 2,
+    timeout: float = 10.0,
+    seed: int = 0,
+    batch_size: int = 8,
+    on_result: Callable[[dict], None] | None = None,
+) -> dict:
+    """pass@k of a model on a HumanEval or MBPP dataset: prompts -> completions -> programs ->
+    sandboxed checks. Returns `score`'s dict plus "kind"."""
+    ks = sorted(set(k))
+    for kk in ks:
+        pass_at_k(n, 0, kk)  # k > n is an error before any generation
+    kind, problems = load_problems(dataset, split, limit)
+    lm = causal_lm(model)  # once, not per batch
+
+    def samples() -> Iterator[tuple[Problem, list[str]]]:
+        for start in range(0, len(problems), batch_size):
+            batch = problems[start : start + batch_size]
+            completions = generate(
+                lm,
+                tokenizer,
+                [p.prompt for p in batch],
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                stop=STOP[kind],
+                seed=seed + start,
+                batch_size=batch_size,
+            )
+            yield from zip(batch, completions)
+
+    result = score(samples(), k=ks, workers=workers, timeout=timeout, on_result=on_result)
+    return {"kind": kind} | result
+
+
+def greedy_pass_at_1(
+    model: nn.Module | None, tokenizer, cfg: Config, device: torch.device | str = "cpu"
+) -> dict[str, float]:
+    """The trainer's periodic check: greedy pass@1 on the first eval.limit problems of every
+    eval dataset on `device`, as {"pass_at_1/<name>": value}; {} when model is None (ranks
+    other than 0). An MTPModel is viewed through `causal_lm` (its parameters, no copy)."""
+    if model is None:
+        return {}
+    lm = causal_lm(model).to(device)
+    e = cfg.eval
+    out = {}
+    for name in e.datasets:
+        result = evaluate(
+            lm,
+            tokenizer,
+            cfg.paths.datasets[name],
+            split=e.split,
+            max_new_tokens=e.max_new_tokens,
+            limit=e.limit,
+            workers=e.workers,
+            timeout=e.timeout,
+            batch_size=e.batch_size,
+        )
+        out[f"pass_at_1/{name}"] = result["pass@k"][1]
+    return out
