@@ -44,6 +44,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="programs checked at a time")
     p.add_argument("--timeout", type=float, help="seconds per program")
     p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--speculative",
+        action="store_true",
+        help="greedy decoding drafted by the MTP heads (same text, fewer forwards)",
+    )
     p.add_argument("--run-id", dest="run_id", help="MLflow run to log into (default: the model's)")
     p.add_argument("--out", help="folder for samples.jsonl (default: eval/ beside the model)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -180,16 +185,18 @@ def main(argv: list[str] | None = None) -> None:
         parts = path.rstrip("/").rsplit("/", 2)  # <run>/final, or any folder
         mlflow_start(cfg, f"eval-{parts[-2] if parts[-1] == 'final' else parts[-1]}")
     try:
-        evaluate_into_run(cfg, model, tokenizer, path, out, step)
+        evaluate_into_run(cfg, model, tokenizer, path, out, step, args.speculative)
     except BaseException:
         mlflow.end_run("FINISHED" if run_id else "FAILED")  # a training run keeps its status
         raise
     mlflow.end_run()
 
 
-def evaluate_into_run(cfg, model, tokenizer, path: str, out: str, step: int) -> None:
+def evaluate_into_run(
+    cfg, model, tokenizer, path: str, out: str, step: int, speculative: bool = False
+) -> None:
     """Evaluate on every eval dataset; samples.jsonl to `out`, table to stdout, metrics and the
-    samples to the active MLflow run."""
+    samples to the active MLflow run. With `speculative`, also the decoding statistics."""
     import mlflow
 
     import io_stream
@@ -200,6 +207,7 @@ def evaluate_into_run(cfg, model, tokenizer, path: str, out: str, step: int) -> 
     mlflow.set_tags({"eval_model": path, "eval_out": out})
     samples = io_stream.join(out, "samples.jsonl")
     results = {}
+    decode_stats: dict = {}
     with io_stream.open_stream(samples, "wb") as f:
         for name in e.datasets:
 
@@ -222,6 +230,8 @@ def evaluate_into_run(cfg, model, tokenizer, path: str, out: str, step: int) -> 
                 seed=e.seed,
                 batch_size=e.batch_size,
                 on_result=write,
+                speculative=speculative,
+                decode_stats=decode_stats,
             )
 
     ks = sorted(set(e.k))
@@ -234,10 +244,16 @@ def evaluate_into_run(cfg, model, tokenizer, path: str, out: str, step: int) -> 
         row = "".join(f"{r['pass@k'][k]:>9.4f}" for k in ks)
         print(f"{name:<12}{n_problems:>9}{n_samples:>9}{row}")
     print(f"samples: {samples}")
-    mlflow.log_metrics(
-        {f"pass_at_{k}/{name}": r["pass@k"][k] for name, r in results.items() for k in ks},
-        step=step,
-    )
+    metrics = {f"pass_at_{k}/{name}": r["pass@k"][k] for name, r in results.items() for k in ks}
+    if decode_stats:
+        rates = decode_stats["head_acceptance"]
+        print(
+            f"speculative decoding: {decode_stats['tokens_per_forward']:.2f} tokens per forward; "
+            "acceptance " + ", ".join(f"head {j + 1} {rate:.2f}" for j, rate in enumerate(rates))
+        )
+        metrics["decode/tokens_per_forward"] = decode_stats["tokens_per_forward"]
+        metrics |= {f"decode/head{j + 1}_acceptance": rate for j, rate in enumerate(rates)}
+    mlflow.log_metrics(metrics, step=step)
     if io_stream.resolve(samples)[0] == "local":
         mlflow.log_artifact(samples, "eval")
     elif (art := artifact_uri("eval")) is not None:

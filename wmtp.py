@@ -560,7 +560,14 @@ from wmtp_data import (  # noqa: E402
     value_targets,
     weight_stats,
 )
-from wmtp_eval import check_program, evaluate, generate, pass_at_k  # noqa: E402
+from wmtp_eval import (  # noqa: E402
+    check_program,
+    evaluate,
+    generate,
+    greedy_decode,
+    greedy_decode_batch,
+    pass_at_k,
+)
 from wmtp_model import (  # noqa: E402
     MTPModel,
     Tokenizer,
@@ -602,5 +609,7 @@ __all__ = [
     "check_program",
     "evaluate",
     "generate",
+    "greedy_decode",
+    "greedy_decode_batch",
     "pass_at_k",
 ]

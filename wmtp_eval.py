@@ -29,6 +29,7 @@ from transformers import GenerationConfig, LlamaForCausalLM, StoppingCriteria
 
 import io_stream
 from wmtp_data import dataset_file, iter_dataset, prompt_ids
+from wmtp_decode import greedy_decode, greedy_decode_batch  # noqa: F401 (greedy_decode re-exported)
 from wmtp_model import MTPModel, _kit_key
 
 if TYPE_CHECKING:
@@ -408,6 +409,8 @@ def generate(
     stop: Iterable[str] = (),
     seed: int = 0,
     batch_size: int = 8,
+    speculative: bool = False,
+    stats: dict | None = None,
 ) -> list[list[str]]:
     """n completions per prompt from head 0: greedy (temperature 0) or sampled, through
     transformers' `generate` with its KV cache, `batch_size` prompts at a time, left-padded.
@@ -415,10 +418,18 @@ def generate(
     The input is BOS + the prompt's tokens, exactly as training starts a sequence (the prompt
     loses tokens on the left if it does not fit beside max_new_tokens). A completion ends at EOS
     and is cut before the first stop string. Sampling is seeded and leaves the global RNG as it was.
+
+    speculative=True (an MTPModel, greedy only) decodes self-speculatively with the MTP heads
+    (`wmtp_decode.greedy_decode_batch`): the same text in fewer forwards. Its statistics are
+    added up into `stats` (forwards, row_forwards, tokens, proposed/accepted per extra head).
     """
     if n > 1 and temperature == 0:
         raise ValueError(f"n={n} samples per prompt need temperature > 0 (greedy gives one)")
     stop = tuple(stop)
+    if speculative:
+        return _generate_speculative(
+            model, tokenizer, prompts, max_new_tokens, stop, batch_size, temperature, stats
+        )
     lm = causal_lm(model)
     device = next(lm.parameters()).device
     room = lm.config.max_position_embeddings - max_new_tokens - 1
@@ -457,6 +468,52 @@ def generate(
             texts = [_completion(tokenizer, r, stop) for r in seqs[:, width:].tolist()]
             out += [texts[i : i + n] for i in range(0, len(texts), n)]
     return out
+
+
+def _generate_speculative(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    stop: tuple[str, ...],
+    batch_size: int,
+    temperature: float,
+    stats: dict | None,
+) -> list[list[str]]:
+    """`generate`'s greedy completions by self-speculative decoding, one per prompt. Stop strings
+    cut the text afterwards (greedy text up to a stop string does not depend on where decoding
+    stopped)."""
+    if not isinstance(model, MTPModel):
+        raise ValueError("speculative decoding needs an MTP model (its heads draft the tokens)")
+    if temperature != 0:
+        raise ValueError("speculative decoding is greedy: use temperature 0")
+    room = model.config.max_position_embeddings - max_new_tokens - 1
+    if room < 0:
+        raise ValueError(
+            f"max_new_tokens {max_new_tokens} does not fit in the model's "
+            f"{model.config.max_position_embeddings} positions"
+        )
+    out: list[list[str]] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [prompt_ids(tokenizer, p, room) for p in prompts[start : start + batch_size]]
+        new, batch_stats = greedy_decode_batch(
+            model, rows, max_new_tokens, speculative=True, eos_id=tokenizer.eos_id
+        )
+        out += [[_completion(tokenizer, ids, stop)] for ids in new]
+        if stats is not None:
+            add_decode_stats(stats, batch_stats)
+    return out
+
+
+def add_decode_stats(total: dict, part: dict) -> None:
+    """Add one `greedy_decode_batch` call's counts into `total` and refresh its ratios."""
+    for key in ("forwards", "row_forwards", "tokens"):
+        total[key] = total.get(key, 0) + part[key]
+    for key in ("proposed", "accepted"):
+        old = total.get(key) or [0] * len(part[key])
+        total[key] = [a + b for a, b in zip(old, part[key])]
+    total["tokens_per_forward"] = total["tokens"] / max(total["row_forwards"], 1)
+    total["head_acceptance"] = [a / max(p, 1) for a, p in zip(total["accepted"], total["proposed"])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,14 +606,17 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 8,
     on_result: Callable[[dict], None] | None = None,
+    speculative: bool = False,
+    decode_stats: dict | None = None,
 ) -> dict:
     """pass@k of a model on a HumanEval or MBPP dataset: prompts -> completions -> programs ->
-    sandboxed checks. Returns `score`'s dict plus "kind"."""
+    sandboxed checks. Returns `score`'s dict plus "kind". With `speculative`, completions come
+    from self-speculative greedy decoding and its statistics are added into `decode_stats`."""
     ks = sorted(set(k))
     for kk in ks:
         pass_at_k(n, 0, kk)  # k > n is an error before any generation
     kind, problems = load_problems(dataset, split, limit)
-    lm = causal_lm(model)  # once, not per batch
+    lm = model if speculative else causal_lm(model)  # once, not per batch
 
     def samples() -> Iterator[tuple[Problem, list[str]]]:
         for start in range(0, len(problems), batch_size):
@@ -572,6 +632,8 @@ def evaluate(
                 stop=STOP[kind],
                 seed=seed + start,
                 batch_size=batch_size,
+                speculative=speculative,
+                stats=decode_stats,
             )
             yield from zip(batch, completions)
 

@@ -192,3 +192,26 @@ def test_bad_input_and_zero_tokens():
         greedy_decode(model, [1, 13], 4)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
         greedy_decode(model, [1], -1)
+
+
+def test_generate_speculative_equals_transformers_generate(corpus_model):
+    model, text = corpus_model
+    tok = wmtp.byte_tokenizer()
+    prompts = [CORPUS[:7], CORPUS[10:30], "zzz", CORPUS[3:5]]
+    stop = ("\nprint(",)
+    plain = wmtp.generate(model, tok, prompts, max_new_tokens=40, stop=stop, batch_size=3)
+    stats: dict = {}
+    spec = wmtp.generate(
+        model,
+        tok,
+        prompts,
+        max_new_tokens=40,
+        stop=stop,
+        batch_size=3,
+        speculative=True,
+        stats=stats,
+    )
+    assert spec == plain
+    assert stats["tokens_per_forward"] > 2.0 and len(stats["head_acceptance"]) == 3
+    with pytest.raises(ValueError, match="greedy"):
+        wmtp.generate(model, tok, prompts, temperature=0.5, speculative=True)

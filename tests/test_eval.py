@@ -304,3 +304,30 @@ def test_periodic_pass_at_1_is_logged_beside_the_loss(tmp_path):
     client = mlflow.MlflowClient()
     for name in ("loss", "pass_at_1/humaneval", "pass_at_1/mbpp"):
         assert [m.step for m in client.get_metric_history(out["run_id"], name)] == [1, 2]
+
+
+def test_cli_speculative_gives_the_same_samples_and_logs_acceptance(tmp_path, capsys):
+    model = init_mtp_model(
+        vocab_size=259, dim=32, n_layers=5, n_heads=4, n_attn_heads=2, max_seq_len=128, seed=1
+    )
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # logits far apart: no near-ties between the two paths
+    save_model(model, str(tmp_path / "m"), byte_tokenizer())
+    base = ["--config", os.path.join(ROOT, "config.yaml"), "--model", str(tmp_path / "m")]
+    rows = {}
+    for mode, extra in (("plain", []), ("speculative", ["--speculative"])):
+        out = tmp_path / mode
+        eval_mtp.main([*base, *extra, "--out", str(out), *sets(overrides(tmp_path))])
+        lines = (out / "samples.jsonl").read_text().splitlines()
+        rows[mode] = sorted(
+            (r["dataset"], r["task_id"], r["completion"]) for r in map(json.loads, lines)
+        )
+    printed = capsys.readouterr().out
+    assert rows["plain"] == rows["speculative"] and len(rows["plain"]) == 4
+    assert "tokens per forward" in printed and "head 3" in printed
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    spec = [r for r in runs if "decode/tokens_per_forward" in r.data.metrics]
+    assert len(spec) == 1
+    metrics = spec[0].data.metrics
+    assert metrics["decode/tokens_per_forward"] >= 1.0
+    assert all(0.0 <= metrics[f"decode/head{j}_acceptance"] <= 1.0 for j in (1, 2, 3))
