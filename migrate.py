@@ -84,7 +84,8 @@ DROPPED = {
     "run.tags": "no equivalent",
     "optim.optimizer": "the kit always uses AdamW",
     "data.train.pack_sequences": "no equivalent: one example per row",
-    "data.eval": "the kit has no evaluation stage; the critic's held-out split is data.heldout_fraction",
+    "data.eval": "evaluation data is eval.datasets (python eval_mtp.py); the critic's held-out "
+    "split is data.heldout_fraction",
     "loss.weight_norm": "always on: weights are rescaled to mean 1 and clipped to [eps, max_weight]",
     "loss.lambda": "no equivalent",
     "pretrain.enabled": "stage 1 is its own script: `python train_critic.py`",
@@ -100,7 +101,8 @@ DROPPED = {
     "critic.normalize": "no equivalent: the new critic.normalize is the softmax's scope (heads | tokens)",
     "critic.use_pseudo_rewards": "no equivalent",
     "rho1.min_ce_diff": "no equivalent",
-    "eval": "the kit has no evaluation stage",
+    "eval": "the old eval stage does not carry over: set the eval: section by hand "
+    "(python eval_mtp.py; README, Evaluation)",
 }
 
 ALGOS = {

@@ -1,6 +1,6 @@
 """Stage 1: train a value head on the frozen base model's hidden states from sequence rewards.
 
-    python train_critic.py [--config config.yaml] [--set key=value ...]
+    python train_critic.py [--config config.yaml] [--set key=value ...] [--quiet]
     accelerate launch --config_file fsdp.yaml train_critic.py --config config.yaml
 
 Rewards come from the reward model (paths.models.rm) or, without one, from dataset labels

@@ -83,10 +83,11 @@ def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = N
     except (OSError, ValueError, KeyError) as exc:  # OSError: also a full disk, a changed object
         if os.environ.get("WMTP_DEBUG"):
             raise
-        from wmtp import ConfigError  # a ValueError; imported by main before it could raise
+        from wmtp import ConfigError, redact  # imported by main before it could raise
 
         msg = str(exc).strip("'\"").splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"error: {str(exc) if isinstance(exc, ConfigError) else msg}", file=sys.stderr)
+        msg = str(exc) if isinstance(exc, ConfigError) else msg
+        print(f"error: {redact(msg)}", file=sys.stderr)  # e.g. a tracking URI's password
         sys.exit(2 if isinstance(exc, ConfigError) else 1)
     finally:
         log.removeHandler(handler)

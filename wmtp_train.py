@@ -670,6 +670,10 @@ def _write_train_state(path: str, model, opt, state: dict, *, vote: bool) -> Con
 
         msd, osd = get_state_dict(model, opt)
         shards = {"model": msd, "optim": osd["state"]}
+        manifest = io_stream.join(path, io_stream.MANIFEST)
+        if rank == 0 and io_stream.exists(manifest):  # a re-save: the old manifest must not
+            attempt(lambda: io_stream.remove(manifest))  # vouch for half-written new shards
+        _barrier()
         attempt(lambda: dcp.save(shards, storage_writer=dcp_writer(io_stream.join(path, "dcp"))))
         state["optimizer_param_groups"] = osd["param_groups"]
     elif rank == 0:
