@@ -251,9 +251,10 @@ def _train_critic(cfg: Config) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
     args = parse_args(argv, __doc__.splitlines()[0], with_algo=False, with_resume=False)
-    from wmtp_train import setup
+    from wmtp_train import end_distributed, setup
 
     train_critic(setup(args))
+    end_distributed()
 
 
 if __name__ == "__main__":

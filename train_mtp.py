@@ -461,7 +461,7 @@ def _train(
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
     args = parse_args(argv, __doc__.splitlines()[0], with_algo=True)
-    from wmtp_train import setup
+    from wmtp_train import end_distributed, setup
 
     cfg = setup(args)
     train(
@@ -470,6 +470,7 @@ def main(argv: list[str] | None = None) -> None:
         allow_changes=args.resume_with_changes,
         force_unlock=args.force_unlock,
     )
+    end_distributed()
 
 
 if __name__ == "__main__":

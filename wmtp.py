@@ -150,7 +150,9 @@ class Eval(_Strict):
         if max(self.k, default=0) > self.n:
             raise ValueError(f"pass@k needs k <= n samples per problem (k {self.k}, n {self.n})")
         if self.n > 1 and self.temperature == 0:
-            raise ValueError(f"n {self.n} samples per problem need temperature > 0 (greedy gives one)")
+            raise ValueError(
+                f"n {self.n} samples per problem need temperature > 0 (greedy gives one)"
+            )
 
 
 class Config(_Strict):

@@ -587,6 +587,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def end_distributed() -> None:
+    """Leave the process group once every rank is done (a process that exits with the group's
+    threads still alive can abort with "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _unwrap(model):
     """The module inside a DistributedDataParallel wrapper (FSDP2 shards in place: nothing to unwrap)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -1132,7 +1142,11 @@ def _flat(node: dict, schema: type = Config, prefix: str = "") -> dict:
         if f.name not in node:
             continue
         key, value = prefix + f.name, node[f.name]
-        if isinstance(f.type, type) and issubclass(f.type, msgspec.Struct) and isinstance(value, dict):
+        if (
+            isinstance(f.type, type)
+            and issubclass(f.type, msgspec.Struct)
+            and isinstance(value, dict)
+        ):
             out |= _flat(value, f.type, key + ".")
         elif isinstance(value, dict) and value.keys() == {"__tuple__"}:
             out[key] = value["__tuple__"]  # a tuple as a checkpoint manifest spells it

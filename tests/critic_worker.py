@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import io_stream  # noqa: E402
 import train_critic  # noqa: E402
 from wmtp_data import ValueHead  # noqa: E402
-from wmtp_train import load_base, make_accelerator, parse_args, setup  # noqa: E402
+from wmtp_train import end_distributed, load_base, make_accelerator, parse_args, setup  # noqa: E402
 
 
 def main() -> None:
@@ -27,6 +27,7 @@ def main() -> None:
     head.load_state_dict(io_stream.read_safetensors(cfg.paths.value_head))
     held = train_critic.evaluate(cfg, model, head, tokenizer, None, acc)
     print(json.dumps({"rank": acc.process_index, "steps": len(res["losses"]), **held}), flush=True)
+    end_distributed()
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def local_expected(tmp_path):
         "mlflow.experiment": "mtp/wmtp-local",
         "mlflow.tracking_uri": "sqlite:///mlflow.db",  # MLflow 3 refuses the old file:// store
         "mlflow.registry_uri": None,
-        "mlflow.artifact_location": None,
+        "mlflow.artifact_location": str(tmp_path / "runs/mlflow-artifacts"),  # the kit's default
         "train.seed": 42,
         "train.log_every": 10,
         "train.save_every": 50,
