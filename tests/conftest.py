@@ -114,3 +114,17 @@ def iam_user(endpoint: str, name: str, actions: list[str]) -> tuple[str, str]:
     }
     iam.put_user_policy(UserName=name, PolicyName="s3", PolicyDocument=json.dumps(policy))
     return key["AccessKeyId"], key["SecretAccessKey"]
+
+
+@pytest.fixture
+def clean_mlflow(monkeypatch):
+    """Each test gets its own tracking URI; no MLflow run left active, no run-folder lock held."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    import mlflow
+
+    while mlflow.active_run():
+        mlflow.end_run()
+    if "wmtp_train" in sys.modules:
+        sys.modules["wmtp_train"].release_run_locks()
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri exports it

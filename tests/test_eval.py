@@ -25,14 +25,7 @@ MBPP = "pkg:wmtp/data/mbpp"
 TEXTS = [CODE_TEXT, "  x = 1\n\ty", "hello world", " leading space", "a  b", "é中 <s> x"]
 
 
-@pytest.fixture(autouse=True)
-def clean_mlflow(monkeypatch):
-    """Each test gets its own tracking URI; no run left active."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    yield
-    while mlflow.active_run():
-        mlflow.end_run()
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+pytestmark = pytest.mark.usefixtures("clean_mlflow")  # conftest: own tracking URI, no run left
 
 
 def tiny(seed: int = 0, vocab_size: int = 259, max_seq_len: int = 128):

@@ -10,7 +10,6 @@ import json
 import math
 import os
 
-import mlflow
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,14 +28,7 @@ CONFIG = os.path.join(ROOT, "config.yaml")
 X = -100
 
 
-@pytest.fixture(autouse=True)
-def clean_mlflow(monkeypatch):
-    """Each test gets its own tracking URI; no run left active."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    yield
-    while mlflow.active_run():
-        mlflow.end_run()
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+pytestmark = pytest.mark.usefixtures("clean_mlflow")  # conftest: own tracking URI, no run left
 
 
 def targets(ids: torch.Tensor, n_heads: int) -> torch.Tensor:

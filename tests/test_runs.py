@@ -32,15 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "config.yaml")
 
 
-@pytest.fixture(autouse=True)
-def clean_mlflow(monkeypatch):
-    """Each test gets its own tracking URI; no run left active, no lock left held."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    yield
-    while mlflow.active_run():
-        mlflow.end_run()
-    wmtp_train.release_run_locks()
-    os.environ.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri exports it
+pytestmark = pytest.mark.usefixtures("clean_mlflow")  # conftest: own tracking URI, no run left
 
 
 def settings(where: str, tmp_path, run_name: str, *extra: str) -> list[str]:

@@ -66,14 +66,7 @@ def make_config(where: str, tmp_path, *extra: str) -> list[str]:
     ]
 
 
-@pytest.fixture(autouse=True)
-def clean_mlflow(monkeypatch):
-    """Each test gets its own tracking URI; no run left active."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    yield
-    while mlflow.active_run():
-        mlflow.end_run()
-    os.environ.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri exports it
+pytestmark = pytest.mark.usefixtures("clean_mlflow")  # conftest: own tracking URI, no run left
 
 
 def tiny_model(n_layers: int = 5, n_heads: int = 4, seed: int = 0, max_seq_len: int = 128):
