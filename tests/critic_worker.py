@@ -28,6 +28,8 @@ def main() -> None:
     held = train_critic.evaluate(cfg, model, head, tokenizer, None, acc)
     print(json.dumps({"rank": acc.process_index, "steps": len(res["losses"]), **held}), flush=True)
     end_distributed()
+    sys.stdout.flush()
+    os._exit(0)  # gloo's threads can abort interpreter teardown after the result was printed
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from test_objectives import (
     ROOT,
     assert_fp32_masters_moved,
     bf16_base_run,
-    clean_mlflow,  # noqa: F401  (autouse fixture)
     tiny,
     value_reference,
 )
@@ -28,6 +27,8 @@ import wmtp_train
 from wmtp import load_config
 from wmtp_data import ValueHead
 from wmtp_model import load_model
+
+pytestmark = pytest.mark.usefixtures("clean_mlflow")  # conftest: own tracking URI, no run left
 
 
 def test_two_rank_critic_stops_together_and_scores_every_heldout_example(tmp_path):

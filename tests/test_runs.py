@@ -78,15 +78,16 @@ def start_trainer(argv: list[str], tmp_path) -> subprocess.Popen:
     return proc
 
 
-def wait_for(proc: subprocess.Popen, path: str, timeout: float = 180) -> None:
-    """Until `path` exists (local or S3); fails with the trainer's stderr if it exits first."""
+def wait_for(proc: subprocess.Popen, run_dir: str, timeout: float = 180) -> None:
+    """Until the run has a complete checkpoint (local or S3; older ones are pruned as it goes);
+    fails with the trainer's stderr if it exits first."""
     deadline = time.monotonic() + timeout
-    while not io_stream.exists(path):
+    while io_stream.latest_ckpt(run_dir) is None:
         if proc.poll() is not None:
             pytest.fail(f"trainer exited {proc.returncode}: {open(proc.err_path).read()[-3000:]}")
         if time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"no {path} after {timeout} s")
+            pytest.fail(f"no checkpoint under {run_dir} after {timeout} s")
         time.sleep(0.2)
 
 
@@ -141,9 +142,10 @@ def test_run_name_from_a_checkpoint_is_checked_too(tmp_path, capsys):
 
 def test_second_trainer_on_s3_is_refused_and_sigterm_marks_killed(s3, tmp_path, capsys):
     run_dir = f"{s3}/ckpt/shared"
-    first = start_trainer(settings(s3, tmp_path, "shared", "train.max_steps=100000"), tmp_path)
+    long_run = ("train.max_steps=100000", "train.epochs=100000")  # runs until it is stopped
+    first = start_trainer(settings(s3, tmp_path, "shared", *long_run), tmp_path)
     try:
-        wait_for(first, f"{run_dir}/step_2/manifest.json")
+        wait_for(first, run_dir)
         holder = mlflow_runs(tmp_path)["shared"].info.run_id
         code, err = cli(settings(s3, tmp_path, "shared", "train.max_steps=2"), capsys)
         assert code == 1 and holder in err and "in use" in err, err
@@ -237,10 +239,12 @@ def test_failed_run_is_recorded_failed(case, tmp_path, capsys, request):
 
 def test_second_trainer_refused_then_killed_run_resumed(tmp_path, capsys):
     run_dir = tmp_path / "ckpt" / "k"
-    argv = settings(str(tmp_path), tmp_path, "k", "train.lr=1e-3", "train.warmup_steps=1")
+    argv = settings(
+        str(tmp_path), tmp_path, "k", "train.lr=1e-3", "train.warmup_steps=1", "train.epochs=100000"
+    )
     proc = start_trainer([*argv, "--set", "train.max_steps=100000"], tmp_path)
     try:
-        wait_for(proc, str(run_dir / "step_2" / "manifest.json"))
+        wait_for(proc, str(run_dir))
         holder = mlflow_runs(tmp_path)["k"].info.run_id
         code, err = cli([*argv, "--set", "train.max_steps=2"], capsys)
         assert code == 1 and holder in err and "in use" in err, err
