@@ -63,6 +63,8 @@ class MLflow(_Strict):
 
 
 class ModelDims(_Strict):
+    """The random model built when paths.models.base is null: init_mtp_model's keyword arguments."""
+
     vocab_size: int = 259
     dim: int = 128
     n_layers: int = 6

@@ -106,16 +106,7 @@ def load_base(cfg: Config, acc, *, meta_weights: bool | None = None):
             raise ConfigError(
                 f"model.vocab_size {m.vocab_size} is smaller than the byte tokenizer's {tok.vocab_size}"
             )
-        model = init_mtp_model(
-            vocab_size=m.vocab_size,
-            dim=m.dim,
-            n_layers=m.n_layers,
-            n_heads=m.n_heads,
-            n_attn_heads=m.n_attn_heads,
-            n_kv_heads=m.n_kv_heads,
-            max_seq_len=m.max_seq_len,
-            seed=cfg.train.seed,
-        )
+        model = init_mtp_model(**msgspec.structs.asdict(m), seed=cfg.train.seed)
         return tok, model
     path = cfg.paths.models.base
     meta = meta_weights

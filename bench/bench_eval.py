@@ -146,6 +146,7 @@ def bench_harness(args) -> None:
 
 def bench_generate(args) -> None:
     """Tokens/s of wmtp_eval.generate against plain transformers generate on one folder."""
+    import msgspec
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -161,15 +162,7 @@ def bench_generate(args) -> None:
         if folder is None:
             m = load_config(os.path.join(os.path.dirname(HERE), "config.yaml")).model
             folder = os.path.join(tmp, "model")
-            model = init_mtp_model(
-                vocab_size=m.vocab_size,
-                dim=m.dim,
-                n_layers=m.n_layers,
-                n_heads=m.n_heads,
-                n_attn_heads=m.n_attn_heads,
-                n_kv_heads=m.n_kv_heads,
-                max_seq_len=m.max_seq_len,
-            )
+            model = init_mtp_model(**msgspec.structs.asdict(m))
             save_model(model, folder, byte_tokenizer())
         kit_model, tok = load_model(folder).eval(), load_tokenizer(folder)
         hf = AutoModelForCausalLM.from_pretrained(folder).eval()

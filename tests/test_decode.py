@@ -2,6 +2,7 @@
 
 import os
 
+import msgspec
 import pytest
 import torch
 from transformers import DynamicCache
@@ -122,15 +123,7 @@ def test_batch_rows_of_different_lengths_decode_as_alone(speculative):
 
 def test_speculative_equals_a_cache_free_loop_at_the_default_config_shape():
     m = wmtp.load_config(os.path.join(ROOT, "config.yaml")).model
-    model = wmtp.init_mtp_model(
-        vocab_size=m.vocab_size,
-        dim=m.dim,
-        n_layers=m.n_layers,
-        n_heads=m.n_heads,
-        n_attn_heads=m.n_attn_heads,
-        n_kv_heads=m.n_kv_heads,
-        max_seq_len=m.max_seq_len,
-    )
+    model = wmtp.init_mtp_model(**msgspec.structs.asdict(m))
     tok = wmtp.byte_tokenizer()
     prompts = [[tok.bos_id, *tok.encode("def f(x):\n")], [tok.bos_id, *tok.encode("# sort")]]
     alone = [naive_greedy(model, p, 24) for p in prompts]
