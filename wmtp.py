@@ -182,7 +182,6 @@ LEGACY_KEYS = {
     "loss",
     "pretrain",
     "run",
-    "eval",
     "project",
     "log_interval",
     "seed",
