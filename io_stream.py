@@ -290,7 +290,7 @@ def _s3_endpoint_label() -> str:
     )
 
 
-def _s3_call(uri: str, fn, *args, **kwargs):
+def s3_call(uri: str, fn, *args, **kwargs):
     """Run an s3fs call, translating its failures with `_s3_error`."""
     try:
         return fn(*args, **kwargs)
@@ -480,7 +480,7 @@ class _S3AtomicWriter(io.RawIOBase):
         return n
 
     def _call(self, method: str, **kwargs) -> dict:
-        return _s3_call(self._uri, self._fs.call_s3, method, **self._where, **kwargs)
+        return s3_call(self._uri, self._fs.call_s3, method, **self._where, **kwargs)
 
     def _body(self) -> io.BytesIO:
         # a file-like body goes to the socket in small chunks; a bytes body would be copied
@@ -542,7 +542,7 @@ class _S3Reader(io.RawIOBase):
     flight for a large buffer), each pinned to the ETag seen at open."""
 
     def __init__(self, uri: str):
-        info = _s3_call(uri, s3_filesystem().info, uri)
+        info = s3_call(uri, s3_filesystem().info, uri)
         if info.get("type") == "directory":
             raise IsADirectoryError(f"is a folder, not a file: {uri}")
         self.uri, self.pos, self.failure = uri, 0, None
@@ -622,7 +622,7 @@ def file_size(path: str) -> int:
             return os.path.getsize(p)
         except FileNotFoundError:
             raise FileNotFoundError(f"no such file: {p}") from None
-    return _s3_or_fallback(p, lambda: int(_s3_call(p, s3_filesystem().size, p)), file_size)
+    return _s3_or_fallback(p, lambda: int(s3_call(p, s3_filesystem().size, p)), file_size)
 
 
 def exists(path: str) -> bool:
@@ -630,7 +630,7 @@ def exists(path: str) -> bool:
     kind, p = resolve(path)
     if kind == "local":
         return os.path.exists(p)
-    return _s3_or_fallback(p, lambda: bool(_s3_call(p, s3_filesystem().exists, p)), exists)
+    return _s3_or_fallback(p, lambda: bool(s3_call(p, s3_filesystem().exists, p)), exists)
 
 
 def list_dir(path: str) -> list[str]:
@@ -645,7 +645,7 @@ def _s3_list(p: str) -> list[str]:
     """`list_dir` of an S3 prefix, from S3 itself."""
     fs = s3_filesystem()
     try:
-        entries = _s3_call(p, fs.ls, p, detail=False, refresh=True)
+        entries = s3_call(p, fs.ls, p, detail=False, refresh=True)
     except FileNotFoundError as exc:
         if "no such bucket" in str(exc):
             raise
@@ -665,13 +665,13 @@ def remove(path: str) -> None:
             os.unlink(p)
         return
     fs = s3_filesystem()
-    if not _s3_call(p, fs.exists, p):
+    if not s3_call(p, fs.exists, p):
         return
     bucket = fs.split_path(p)[0]
-    keys = [fs.split_path(q)[1] for q in _s3_call(p, fs.find, p)]
+    keys = [fs.split_path(q)[1] for q in s3_call(p, fs.find, p)]
     for i in range(0, len(keys), 1000):  # DeleteObjects takes up to 1000 keys
         batch = {"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
-        out = _s3_call(p, fs.call_s3, "delete_objects", Bucket=bucket, Delete=batch)
+        out = s3_call(p, fs.call_s3, "delete_objects", Bucket=bucket, Delete=batch)
         # a bulk delete answers 200 and lists the keys it could not delete
         if errors := out.get("Errors"):
             uri, code = f"s3://{bucket}/{errors[0]['Key']}", errors[0].get("Code", "")
@@ -703,14 +703,14 @@ def cleanup_partial(prefix: str, older_than_s: float) -> list[str]:
     bucket, key, _ = fs.split_path(p)
     page = {"Bucket": bucket, "Prefix": key.rstrip("/") + "/" if key else ""}
     while True:
-        out = _s3_call(p, fs.call_s3, "list_multipart_uploads", **page)
+        out = s3_call(p, fs.call_s3, "list_multipart_uploads", **page)
         # ages by the server's clock (its Date header), which stamped the uploads
         date = out["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
         now = parsedate_to_datetime(date).timestamp() if date else time.time()
         for up in out.get("Uploads", []):
             if up["Initiated"].timestamp() <= now - older_than_s:
                 where = {"Bucket": bucket, "Key": up["Key"], "UploadId": up["UploadId"]}
-                _s3_call(p, fs.call_s3, "abort_multipart_upload", **where)
+                s3_call(p, fs.call_s3, "abort_multipart_upload", **where)
                 removed.append(f"s3://{bucket}/{up['Key']} (upload {up['UploadId']})")
         if not out.get("IsTruncated"):
             return removed
@@ -979,7 +979,7 @@ def _s3_read_ranges(uri: str, jobs: list[tuple[torch.Tensor, int, int]], etag: s
                 fut.cancel()
             raise
 
-    _s3_call(uri, sync, fs.loop, fetch_all)
+    s3_call(uri, sync, fs.loop, fetch_all)
 
 
 def write_safetensors(

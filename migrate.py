@@ -147,7 +147,7 @@ def _leaves(node: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
             isinstance(value, dict)
             and value
             and dotted not in DROPPED
-            and not wmtp._looks_secret(str(key))
+            and not wmtp.looks_secret(str(key))
         ):
             yield from _leaves(value, dotted + ".")
         else:
@@ -162,7 +162,7 @@ def _strip_uri(text: str) -> str:
         return text
     base, _, rest = text.partition("?")
     query, hash_, fragment = rest.partition("#")
-    kept = [p for p in query.split("&") if not wmtp._looks_secret(p.partition("=")[0])]
+    kept = [p for p in query.split("&") if not wmtp.looks_secret(p.partition("=")[0])]
     return base + ("?" + "&".join(kept) if kept else "") + hash_ + fragment
 
 
@@ -171,7 +171,7 @@ def _without_credentials(value: Any) -> Any:
     user:password@ and signed queries in URIs; what still looks secret (a key id) is masked."""
     if isinstance(value, dict):
         return {
-            k: _without_credentials(v) for k, v in value.items() if not wmtp._looks_secret(str(k))
+            k: _without_credentials(v) for k, v in value.items() if not wmtp.looks_secret(str(k))
         }
     if isinstance(value, list):
         return [_without_credentials(v) for v in value]
@@ -227,7 +227,7 @@ def map_old_file(raw: dict, source: str) -> tuple[dict[str, Any], list[tuple[str
     section = {"critic": "critic", "rho1-weighted": "rho1", "rho1-tokenskip": "rho1"}.get(algo)
     for key, value in _leaves(raw):
         # known keys are not credentials: critic.token_spread is not a token
-        if key not in DROPPED and wmtp._looks_secret(key.rsplit(".", 1)[-1]):
+        if key not in DROPPED and wmtp.looks_secret(key.rsplit(".", 1)[-1]):
             rows.append(("removed", f"{key}: a credential, never written; {CREDENTIALS_NOTE}"))
             continue
         clean = _without_credentials(value)
@@ -622,7 +622,7 @@ def _part_sizes(uri: str, size: int, parts: int, every: bool) -> list[int]:
 
     def length(n: int) -> int:
         where = {"Bucket": bucket, "Key": key, "PartNumber": n}
-        return int(io_stream._s3_call(uri, fs.call_s3, "head_object", **where)["ContentLength"])
+        return int(io_stream.s3_call(uri, fs.call_s3, "head_object", **where)["ContentLength"])
 
     if every:
         return [length(n) for n in range(1, parts + 1)]
@@ -718,7 +718,7 @@ def mirror(uri: str, folder: str) -> Iterator[str]:
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"{folder}: not a folder")
     fs = io_stream.s3_filesystem()
-    found = io_stream._s3_call(root, fs.find, root, detail=True)
+    found = io_stream.s3_call(root, fs.find, root, detail=True)
     objects = {k: v for k, v in found.items() if v.get("type") == "file" and not k.endswith("/")}
     if not objects:
         raise ValueError(f"{root}: no objects under this prefix")
@@ -790,7 +790,7 @@ def sync_checkpoints(folder: str, uri: str) -> Iterator[str]:
                 src, dst = os.path.join(local, name), io_stream.join(target, *name.split(os.sep))
                 with open(src, "rb") as f, io_stream.open_stream(dst, "wb") as out:
                     shutil.copyfileobj(f, out, MIRROR_CHUNK)
-                same, how = _check_copy(dst, io_stream._s3_call(dst, fs.info, dst), src)
+                same, how = _check_copy(dst, io_stream.s3_call(dst, fs.info, dst), src)
                 if not same:
                     raise ValueError(f"{dst}: the upload does not match {src} ({how})")
                 total += os.path.getsize(src)
@@ -802,7 +802,7 @@ def sync_checkpoints(folder: str, uri: str) -> Iterator[str]:
                 data = f.read()
             io_stream.write_bytes(data, manifest)
             total += len(data)
-            same, how = _check_copy(manifest, io_stream._s3_call(manifest, fs.info, manifest), src)
+            same, how = _check_copy(manifest, io_stream.s3_call(manifest, fs.info, manifest), src)
             if not same:
                 raise ValueError(f"{manifest}: the upload does not match {src} ({how})")
         except ConnectionError:

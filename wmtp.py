@@ -211,7 +211,7 @@ _QUERY_PARAM = re.compile(r"([?&;])([\w.\-]+)=([^&;#\s'\"<>]*)")
 _AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
 
 
-def _looks_secret(key: str) -> bool:
+def looks_secret(key: str) -> bool:
     """True for keys such as access_key_id, secretAccessKey, apiKey, X-Amz-Signature, password."""
     spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", key).lower()
     words = [w for w in re.split(r"[^a-z0-9]+", spaced) if w]
@@ -225,7 +225,7 @@ def redact(text: str) -> str:
     """text with credentials masked as ***: user:password@ in URIs, secret query parameters
     (presigned URLs: X-Amz-Signature, X-Amz-Credential, ...) and AWS access key ids."""
     text = URI_USERINFO.sub(r"\1***@", text)
-    text = _QUERY_PARAM.sub(lambda m: f"{m[1]}{m[2]}=***" if _looks_secret(m[2]) else m[0], text)
+    text = _QUERY_PARAM.sub(lambda m: f"{m[1]}{m[2]}=***" if looks_secret(m[2]) else m[0], text)
     return _AWS_KEY_ID.sub("***", text)
 
 
@@ -236,7 +236,7 @@ def _check_keys(raw: Any, schema: type, where: str, source: str) -> None:
     fields = {f.name: f.type for f in msgspec.structs.fields(schema)}
     for key, value in raw.items():
         dotted = f"{where}.{key}" if where else str(key)
-        if _looks_secret(str(key)):
+        if looks_secret(str(key)):
             raise ConfigError(
                 f"{source}: {dotted}: credentials do not belong in the config; {CREDENTIALS_HINT}"
             )
@@ -265,12 +265,12 @@ def _check_keys(raw: Any, schema: type, where: str, source: str) -> None:
 def _apply_override(raw: dict, item: str) -> None:
     """Apply one `a.b.c=value` override (value parsed as YAML) to the raw config dict."""
     if "=" not in item:
-        shown = "" if _looks_secret(item) or redact(item) != item else f" {item!r}"
+        shown = "" if looks_secret(item) or redact(item) != item else f" {item!r}"
         raise ConfigError(f"--set{shown}: expected key.path=value")
     key, value = item.split("=", 1)
     key = key.strip()
     parts = key.split(".")
-    if any(_looks_secret(p) for p in parts):  # refused before the value is even parsed
+    if any(looks_secret(p) for p in parts):  # refused before the value is even parsed
         raise ConfigError(
             f"--set {key}: credentials do not belong in the config; {CREDENTIALS_HINT}"
         )
@@ -535,7 +535,7 @@ def config_params(cfg: Config) -> dict[str, str]:
     def walk(node: Any, prefix: str) -> None:
         if isinstance(node, dict):
             for k, v in node.items():
-                if not _looks_secret(str(k)):
+                if not looks_secret(str(k)):
                     walk(v, f"{prefix}.{k}" if prefix else str(k))
         else:
             flat[prefix] = redact(str(node))

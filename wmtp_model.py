@@ -611,7 +611,7 @@ def weights_nbytes(path: str) -> int:
     return total
 
 
-def _load_pth(path: str, *, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+def load_pth(path: str, *, shapes_only: bool = False) -> dict[str, torch.Tensor]:
     """A weights-only .pth/.bin state dict: memory-mapped when local, from a seekable stream on
     S3; with shapes_only, meta tensors from the pickle alone (the zip directory and record
     headers are read, no tensor record)."""
@@ -678,7 +678,7 @@ def _merge_shards(
     return merged
 
 
-def _meta_names(n_trunk: int, n_heads: int) -> dict[str, str]:
+def meta_names(n_trunk: int, n_heads: int) -> dict[str, str]:
     """Meta checkpoint key -> MTPModel key."""
     names = {
         "tok_embeddings.weight": "embed_tokens.weight",
@@ -693,7 +693,7 @@ def _meta_names(n_trunk: int, n_heads: int) -> dict[str, str]:
     return names
 
 
-def _permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """wq/wk rows from Meta's interleaved rotary pairs to HF's rotate-half layout, head by head."""
     rows, cols = w.shape
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
@@ -722,7 +722,7 @@ def _load_meta(
         # shapes come from params.json; the weights arrive from rank 0 (a value is >= 1 byte)
         stored = sum(io_stream.file_size(io_stream.join(path, f)) for f in files)
         files = []
-    sd = _merge_shards([_load_pth(io_stream.join(path, f)) for f in files], files) if files else {}
+    sd = _merge_shards([load_pth(io_stream.join(path, f)) for f in files], files) if files else {}
     sd.pop(
         "rope.freqs", None
     )  # Llama checkpoints carry a rotary table; it is recomputed from rope_theta
@@ -763,15 +763,15 @@ def _load_meta(
         model = MTPModel(config, H)
     if meta_weights and not files:
         return model
-    names, shapes = _meta_names(n_layers - H, H), _shapes(model)
+    names, shapes = meta_names(n_layers - H, H), _shapes(model)
     _check_keys(path, {k: shapes[v] for k, v in names.items()}, {k: t.shape for k, t in sd.items()})
     tensors = {}
     for key in list(sd):
         t = _place(sd.pop(key), dtype, device)
         if key.endswith("attention.wq.weight"):
-            t = _permute_rotary(t, n_attn_heads)
+            t = permute_rotary(t, n_attn_heads)
         elif key.endswith("attention.wk.weight"):
-            t = _permute_rotary(t, n_kv_heads)
+            t = permute_rotary(t, n_kv_heads)
         tensors[names[key]] = t
     model.load_state_dict(tensors, strict=True, assign=True)
     return model if device.type == "meta" else model.to(device)
@@ -823,7 +823,7 @@ def _weight_headers(path: str, extra: tuple[str, ...] = ()) -> dict[str, tuple[s
     for name in [*_weight_files(path), *extra]:
         file = io_stream.join(path, name)
         if name.endswith(".bin"):
-            shapes = {k: tuple(t.shape) for k, t in _load_pth(file, shapes_only=True).items()}
+            shapes = {k: tuple(t.shape) for k, t in load_pth(file, shapes_only=True).items()}
         else:
             header, _, _ = io_stream.read_safetensors_header(file)
             shapes = {k: tuple(info["shape"]) for k, info in header.items()}
@@ -851,7 +851,7 @@ def _read_tensors(
         return {m: torch.empty(headers[f][1], dtype=dtype, device="meta") for f, m in names.items()}
     for file, pairs in by_file.items():
         if file.endswith(".bin"):  # a pickle: every tensor comes along, the unused ones are dropped
-            got = _load_pth(file)
+            got = load_pth(file)
         else:
             got = io_stream.read_safetensors(file, keys=[k for k, _ in pairs])
         for file_key, model_key in pairs:
@@ -859,7 +859,7 @@ def _read_tensors(
     return out
 
 
-def _kit_key(name: str, n_trunk: int) -> str:
+def kit_key(name: str, n_trunk: int) -> str:
     """HF Llama checkpoint name of an MTPModel key of the trunk or head 0 (head 0 = last block)."""
     if name.startswith("heads.0."):
         return f"model.layers.{n_trunk}." + name.removeprefix("heads.0.")
@@ -898,7 +898,7 @@ def _load_llama_mtp(
         model = MTPModel(config, H)
     n_trunk, shapes = len(model.layers), _shapes(model)
     extra_heads = [k for k in shapes if k.startswith("heads.") and not k.startswith("heads.0.")]
-    names = {_kit_key(k, n_trunk): k for k in shapes if k not in extra_heads}
+    names = {kit_key(k, n_trunk): k for k in shapes if k not in extra_heads}
     if kit:
         names |= {k: k for k in extra_heads}
     _check_keys(
@@ -979,7 +979,7 @@ def save_model(model: MTPModel, path: str, tokenizer: Tokenizer | None = None) -
         if name.startswith("heads.") and not name.startswith("heads.0."):
             extra[name] = t
         else:
-            main[_kit_key(name, n_trunk)] = t
+            main[kit_key(name, n_trunk)] = t
     io_stream.write_safetensors(main, io_stream.join(path, "model.safetensors"), {"format": "pt"})
     io_stream.write_safetensors(extra, io_stream.join(path, HEADS_FILE), {"format": "pt"})
     config = model.config.to_dict()

@@ -79,7 +79,7 @@ def child(what: str, uri: str) -> None:
     from accelerate import init_empty_weights
 
     import io_stream
-    from wmtp_model import MTPModel, _meta_names, _permute_rotary, load_model
+    from wmtp_model import MTPModel, meta_names, permute_rotary, load_model
 
     fs = io_stream.s3_filesystem()
     fs.ls(uri, refresh=True)  # open the connection pool first: every method starts warm
@@ -111,11 +111,11 @@ def child(what: str, uri: str) -> None:
                 os.path.join(tmp, "consolidated.00.pth"), map_location="cpu", weights_only=True
             )
             H, n_trunk = params["n_future_tokens"], params["n_layers"] - params["n_future_tokens"]
-            names, n_attn = _meta_names(n_trunk, H), params["n_heads"]
+            names, n_attn = meta_names(n_trunk, H), params["n_heads"]
             converted = {}
             for key, t in sd.items():
                 if key.endswith(("wq.weight", "wk.weight")):
-                    t = _permute_rotary(t, n_attn)
+                    t = permute_rotary(t, n_attn)
                 converted[names[key]] = t
             model.load_state_dict(converted, strict=True)
             seconds = time.perf_counter() - t0

@@ -226,18 +226,18 @@ def test_bin_network_failure_is_a_network_error(s3, s3_endpoint, boto):
     truth = {"w": torch.randn(1024, 1024), "b": torch.arange(10)}  # 4 MiB: several GETs
     torch.save(truth, buf)
     boto.put_object(Bucket=BUCKET, Key="m/pytorch_model.bin", Body=buf.getvalue())
-    from wmtp_model import _load_pth
+    from wmtp_model import load_pth
 
     uri = f"{s3}/m/pytorch_model.bin"
     # the zip directory comes in the first GET; then the tensor bytes, cut, once, then for good
     with fault_proxy(s3_endpoint, "drop", after=50_000, times=1, skip=1) as px:
         through(px)
-        got = _load_pth(uri)
+        got = load_pth(uri)
     assert px["faults"] == 1 and all(torch.equal(got[k], truth[k]) for k in truth)
     with fault_proxy(s3_endpoint, "drop", after=50_000, times=10**6, skip=1) as px:
         through(px, retries=1)
         with pytest.raises(ConnectionError) as err:
-            _load_pth(uri)
+            load_pth(uri)
     msg = one_line(err.value, uri)
     assert "weights-only" not in msg and "failed 2 times" in msg
 

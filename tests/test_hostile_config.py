@@ -94,14 +94,14 @@ def test_redact(text, expected):
     ],
 )
 def test_credential_keys_in_any_spelling(key):
-    assert wmtp._looks_secret(key)
+    assert wmtp.looks_secret(key)
 
 
 @pytest.mark.parametrize(
     "key", ["s3_auth", "endpoint_url", "tracking_uri", "keep_last", "value_head", "key_path"]
 )
 def test_ordinary_keys_are_not_credentials(key):
-    assert not wmtp._looks_secret(key)
+    assert not wmtp.looks_secret(key)
 
 
 # ---------------------------------------------------------------------------------------------
