@@ -8,6 +8,7 @@ No model code lives here. Every other module reads and writes through these func
 from __future__ import annotations
 
 import asyncio
+import functools
 import gzip
 import hashlib
 import io
@@ -24,11 +25,13 @@ import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import msgspec
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 BLOCK_SIZE = 8 * 2**20  # bytes per ranged GET
 PART_SIZE = 16 * 2**20  # bytes per multipart part (up to 160 GB in S3's 10,000 parts)
@@ -562,6 +565,8 @@ class _S3Reader(io.RawIOBase):
         return self.pos
 
     def readinto(self, b) -> int:
+        import torch
+
         n = max(0, min(len(b), self.size - self.pos))
         if n:
             view = torch.frombuffer(memoryview(b).cast("B")[:n], dtype=torch.uint8)
@@ -791,32 +796,43 @@ def iter_records(path: str) -> Iterator[dict]:
 # ---------------------------------------------------------------------------------------------
 # safetensors
 
-DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, attr)
-    for name, attr in {
-        "BOOL": "bool",
-        "U8": "uint8",
-        "I8": "int8",
-        "I16": "int16",
-        "U16": "uint16",
-        "I32": "int32",
-        "U32": "uint32",
-        "I64": "int64",
-        "U64": "uint64",
-        "F16": "float16",
-        "BF16": "bfloat16",
-        "F32": "float32",
-        "F64": "float64",
-        "F8_E4M3": "float8_e4m3fn",
-        "F8_E5M2": "float8_e5m2",
-        "F8_E4M3FNUZ": "float8_e4m3fnuz",
-        "F8_E5M2FNUZ": "float8_e5m2fnuz",
-        "F8_E8M0": "float8_e8m0fnu",
-        "C64": "complex64",
-    }.items()
-    if hasattr(torch, attr)
+# safetensors dtype -> torch attribute (torch itself is imported by the functions that need it,
+# so that `import io_stream` and loading a config stay light)
+SAFETENSORS_DTYPES = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "U16": "uint16",
+    "I32": "int32",
+    "U32": "uint32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu",
+    "C64": "complex64",
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@functools.cache
+def dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype name -> torch dtype, for those this torch has."""
+    import torch
+
+    return {n: getattr(torch, a) for n, a in SAFETENSORS_DTYPES.items() if hasattr(torch, a)}
+
+
+@functools.cache
+def dtype_names() -> dict[torch.dtype, str]:
+    """torch dtype -> safetensors dtype name."""
+    return {v: k for k, v in dtypes().items()}
 
 
 def read_safetensors_header(path: str, f=None) -> tuple[dict[str, dict], dict[str, str], int]:
@@ -856,7 +872,7 @@ def read_safetensors_header(path: str, f=None) -> tuple[dict[str, dict], dict[st
             raise ValueError(
                 f"{path}: tensor {name!r}: header entry needs dtype, shape, data_offsets"
             )
-        dtype = DTYPES.get(info["dtype"])
+        dtype = dtypes().get(info["dtype"])
         if dtype is None:
             raise ValueError(f"{path}: tensor {name!r}: unknown dtype {info['dtype']!r}")
         shape, offs = info["shape"], info["data_offsets"]
@@ -887,6 +903,8 @@ def read_safetensors(
     path: str, *, keys: list[str] | None = None, device: str | torch.device = "cpu"
 ) -> dict[str, torch.Tensor]:
     """Read tensors straight into their own storage over bounded ranged reads (local or S3)."""
+    import torch
+
     _, p = resolve(path)
     with open_stream(p, block_size=HEADER_PROBE) as f:
         header, _, data_start = read_safetensors_header(p, f)
@@ -916,7 +934,7 @@ def read_safetensors(
             _s3_read_ranges(p, jobs, f.raw.etag)
     result = {}
     for name, (buf, info) in out.items():
-        dtype = DTYPES[info["dtype"]]
+        dtype = dtypes()[info["dtype"]]
         t = (
             buf.view(dtype).reshape(info["shape"])
             if buf.numel()
@@ -987,6 +1005,8 @@ def write_safetensors(
 ) -> dict[str, str]:
     """Stream a safetensors file (header, then each tensor's bytes) to a local path or S3;
     returns each tensor's sha256 (hex, of its data bytes), hashed as it is written."""
+    import torch
+
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -994,13 +1014,13 @@ def write_safetensors(
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{path}: value for {name!r} is a {type(t).__name__}, not a tensor")
-        if t.dtype not in DTYPE_NAMES:
+        if t.dtype not in dtype_names():
             raise TypeError(
                 f"{path}: tensor {name!r} has dtype {t.dtype} that safetensors cannot store"
             )
         n = t.numel() * t.element_size()
         header[name] = {
-            "dtype": DTYPE_NAMES[t.dtype],
+            "dtype": dtype_names()[t.dtype],
             "shape": list(t.shape),
             "data_offsets": [offset, offset + n],
         }
@@ -1021,6 +1041,8 @@ def write_safetensors(
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw bytes of a CPU tensor in row-major order (a view when it is contiguous)."""
+    import torch
+
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
@@ -1030,6 +1052,8 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 def _encode(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     """JSON-able tree with tensors replaced by {"__tensor__": dotted key}."""
+    import torch
+
     if isinstance(obj, torch.Tensor):
         if prefix in tensors:
             raise ValueError(f"checkpoint key {prefix!r} appears twice after flattening")
@@ -1074,6 +1098,7 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def save_ckpt(state: dict, path: str, *, before_manifest: Callable[[], None] | None = None) -> None:
     """Save a nested state dict: tensors to safetensors, the rest to a manifest written last
     (`before_manifest` runs just before it, e.g. a barrier until every rank wrote its shards)."""
+
     tensors: dict[str, torch.Tensor] = {}
     tree = _encode(state, "", tensors)
     manifest = join(path, MANIFEST)
@@ -1088,7 +1113,7 @@ def save_ckpt(state: dict, path: str, *, before_manifest: Callable[[], None] | N
         before_manifest()
     # the manifest vouches for exactly these tensor bytes, never for those of another save
     sums = {
-        k: {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "sha256": digests[k]}
+        k: {"dtype": dtype_names()[t.dtype], "shape": list(t.shape), "sha256": digests[k]}
         for k, t in tensors.items()
     }
     doc = {"format": "wmtp-ckpt/1", "tensors": sums, "state": tree}
@@ -1125,7 +1150,7 @@ def _verify_tensors(file: str, tensors: dict[str, torch.Tensor], sums: Any) -> N
         digests = pool.map(lambda t: hashlib.sha256(_tensor_bytes(t)).hexdigest(), tensors.values())
         for (name, t), digest in zip(tensors.items(), digests):
             want = sums[name] if isinstance(sums[name], dict) else {}
-            have = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "sha256": digest}
+            have = {"dtype": dtype_names()[t.dtype], "shape": list(t.shape), "sha256": digest}
             if any(want.get(k) != v for k, v in have.items()):
                 raise ValueError(
                     f"{file}: tensor {name!r} does not match the checksum in {MANIFEST} "

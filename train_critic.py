@@ -12,15 +12,33 @@ and logged to MLflow as an artifact and a registered model version.
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING
-
 from wmtp_cli import parse_args, run_cli
 
-if TYPE_CHECKING:  # the functions import torch & co. themselves: --help answers at once
-    import torch
+if __name__ == "__main__":  # --help and a bad flag answer before torch & co. are imported
+    parse_args(None, __doc__.splitlines()[0], with_algo=False, with_resume=False)
 
-    from wmtp import Config
+import math  # noqa: E402
+
+import mlflow  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import io_stream  # noqa: E402
+from wmtp import Config  # noqa: E402
+from wmtp_ckpt import fallback_tags  # noqa: E402
+from wmtp_data import iter_batches, iter_examples  # noqa: E402
+from wmtp_dist import (  # noqa: E402
+    all_reduce_grads,
+    end_distributed,
+    is_fsdp,
+    log,
+    make_accelerator,
+    quiet,
+    shard_frozen,
+)
+from wmtp_loss import ValueHead, value_mask, value_targets  # noqa: E402
+from wmtp_runs import log_pyfunc, log_startup, mlflow_start, run_name_for, tracked_run  # noqa: E402
+from wmtp_train import batch_rewards, head0_hidden, load_base, load_frozen, setup  # noqa: E402
 
 
 def masked_mse(values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -41,9 +59,6 @@ def value_step(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, values, targets, mask) of the value head on one batch: masked MSE over the loss
     tokens and the position before the first one (see `value_mask`)."""
-    from wmtp_data import value_mask, value_targets
-    from wmtp_train import batch_rewards, head0_hidden
-
     ids = batch["input_ids"].to(device)
     attn = batch["attention_mask"].to(device)
     mask = value_mask(batch["loss_mask"].to(device)).float()
@@ -56,10 +71,6 @@ def value_step(
 def evaluate(cfg: Config, model, head, tokenizer, rm, acc) -> dict[str, float] | None:
     """Held-out value loss and explained variance over every held-out token, from sums reduced
     over the ranks (the same numbers on every rank); None when the held-out split is empty."""
-    import torch
-
-    from wmtp_train import iter_batches
-
     c = cfg.critic
     sums = torch.zeros(5, dtype=torch.float64, device=acc.device)  # n, ΣG, ΣG², Σe, Σe²; e = G − V
     head.eval()
@@ -92,47 +103,12 @@ def evaluate(cfg: Config, model, head, tokenizer, rm, acc) -> dict[str, float] |
     }
 
 
-def train_critic(cfg: Config) -> dict:
-    """Run stage 1; returns {"value_head": path, "run_id", "version" (registered model version),
-    "losses"}. Runs under wmtp_train.tracked_run (MLflow status on errors, locks released)."""
-    from wmtp_train import tracked_run
-
-    return tracked_run(_train_critic)(cfg)
-
-
-def _train_critic(cfg: Config) -> dict:
-    """train_critic's body."""
-    import torch
-    from tqdm import tqdm
-
-    import io_stream
-    from wmtp_data import ValueHead
-    from wmtp_train import (
-        all_reduce_grads,
-        fallback_tags,
-        is_fsdp,
-        iter_batches,
-        iter_examples,
-        load_base,
-        load_frozen,
-        log,
-        log_pyfunc,
-        log_startup,
-        make_accelerator,
-        mlflow_start,
-        quiet,
-        run_name_for,
-        shard_frozen,
-    )
-
-    c = cfg.critic
-    acc = make_accelerator(cfg)
-    torch.manual_seed(cfg.train.seed)
+def build(cfg: Config, acc):
+    """(tokenizer, frozen base model, reward model or None, value head, its optimizer); checks
+    that there is data with rewards to train on."""
     tokenizer, model = load_base(cfg, acc)
     model.eval().requires_grad_(False)
-    model = (
-        shard_frozen(acc, model) if is_fsdp(acc) else model.to(acc.device)
-    )  # frozen; sharded under FSDP
+    model = shard_frozen(acc, model) if is_fsdp(acc) else model.to(acc.device)  # frozen
     rm = None
     if cfg.paths.models.rm:
         rm = load_frozen(
@@ -148,57 +124,96 @@ def _train_critic(cfg: Config) -> dict:
         )
     # the head is small: replicated on every rank, its gradients averaged by hand
     head = ValueHead(acc.unwrap_model(model).config.hidden_size).to(acc.device)
-    opt = torch.optim.AdamW(head.parameters(), lr=c.lr)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.critic.lr)
+    return tokenizer, model, rm, head, opt
 
+
+def critic_step(cfg: Config, acc, model, head, opt, batch: dict, rm) -> dict[str, float]:
+    """One optimizer step of the value head on a batch: one masked-MSE mean over every rank's
+    tokens; returns the step's metrics (value_loss is that mean)."""
+    loss, values, targets, mask = value_step(model, head, batch, rm, cfg.critic.gamma, acc.device)
+    count = mask.sum()
+    sums = acc.reduce(torch.stack([loss.detach() * count, count]), "sum")  # all ranks
+    # all_reduce_grads averages over the ranks, hence the factor num_processes
+    (loss * count * acc.num_processes / sums[1].clamp(min=1)).backward()
+    all_reduce_grads(acc, head)
+    grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.train.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    v = values.detach()[mask.bool()]
+    return {
+        "value_loss": (sums[0] / sums[1].clamp(min=1)).item(),
+        "explained_variance": explained_variance(values.detach(), targets, mask),
+        "value_mean": v.mean().item(),
+        "value_std": v.std().item() if v.numel() > 1 else 0.0,
+        "grad_norm": float(grad_norm),
+    }
+
+
+def finish(cfg: Config, acc, model, state: dict, run_id, stopped: bool, best: float, step: int):
+    """Write the value head (rank 0) with its metadata and register it; returns the version."""
+    version = None
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        c = cfg.critic
+        meta = {
+            "dim": str(model.config.hidden_size),
+            "gamma": str(c.gamma),
+            "mlflow_run_id": run_id,
+        }
+        io_stream.write_safetensors(state, cfg.paths.value_head, metadata=meta)
+        version = log_pyfunc(
+            "value_head",
+            cfg.mlflow.value_head_model,
+            {"pyfunc": "value_head"},
+            artifacts={"value_head": cfg.paths.value_head},
+        )
+        mlflow.set_tags({"value_head": cfg.paths.value_head, "stopped_early": str(stopped)})
+        uri = f"models:/{cfg.mlflow.value_head_model}/{version}"
+        log.info("value head written to %s, registered as %s", cfg.paths.value_head, uri)
+        best_loss = best if best < math.inf else float("nan")
+        mlflow.log_metrics({"best_heldout_value_loss": best_loss}, step=step)
+        mlflow.end_run()
+    acc.wait_for_everyone()
+    return version
+
+
+def train_critic(cfg: Config, *, accelerator=None) -> dict:
+    """Run stage 1; returns {"value_head": path, "run_id", "version" (registered model version),
+    "losses"}. accelerator: an Accelerator to use instead of make_accelerator(cfg). Runs under
+    wmtp_runs.tracked_run (MLflow status on errors, locks released)."""
+    return tracked_run(_train_critic)(cfg, accelerator)
+
+
+def _train_critic(cfg: Config, accelerator) -> dict:
+    """train_critic's loop: build, then per batch one step, held-out evaluation with early
+    stopping, logging; finish with the best head."""
+    c = cfg.critic
+    acc = accelerator or make_accelerator(cfg)
+    torch.manual_seed(cfg.train.seed)
+    tokenizer, model, rm, head, opt = build(cfg, acc)
     main = acc.is_main_process
     run_name = run_name_for(acc, None, "critic")
     run_id = None
     if main:
-        import mlflow
-
         run = mlflow_start(cfg, run_name)
         run_id = run.info.run_id
         mlflow.set_tags({"stage": "critic", **fallback_tags()})
         models = {"base model (frozen)": model, "value head": head, "reward model": rm}
         log_startup(acc, cfg, run, models)
-    best, bad, step, epoch = math.inf, 0, 0, 0
-    best_state = None
-    losses: list[float] = []
+    best, bad, step, epoch, stop = math.inf, 0, 0, 0, False
+    best_state, losses = None, []
     bar = tqdm(total=c.max_steps, disable=not main or quiet(), desc="critic", dynamic_ncols=True)
-    stop = False
     while not stop and step < c.max_steps and epoch < cfg.train.epochs:
         for batch in iter_batches(
-            cfg,
-            tokenizer,
-            c.batch_size,
-            epoch=epoch,
-            rank=acc.process_index,
-            world=acc.num_processes,
-            part="train",
-        ):
-            loss, values, targets, mask = value_step(model, head, batch, rm, c.gamma, acc.device)
-            # one mean over every rank's tokens: [Σ squared error, tokens] of the step, all ranks
-            count = mask.sum()
-            sums = acc.reduce(torch.stack([loss.detach() * count, count]), "sum")
-            # all_reduce_grads averages over the ranks, hence the factor num_processes
-            (loss * count * acc.num_processes / sums[1].clamp(min=1)).backward()
-            all_reduce_grads(acc, head)
-            grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.train.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            cfg, tokenizer, c.batch_size, epoch=epoch, rank=acc.process_index,
+            world=acc.num_processes, part="train",
+        ):  # fmt: skip
+            metrics = critic_step(cfg, acc, model, head, opt, batch, rm)
             step += 1
-            step_loss = (sums[0] / sums[1].clamp(min=1)).item()
-            losses.append(step_loss)
+            losses.append(metrics["value_loss"])
             bar.update(1)
-            bar.set_postfix(value_loss=f"{step_loss:.4f}")
-            v = values.detach()[mask.bool()]
-            metrics = {
-                "value_loss": step_loss,
-                "explained_variance": explained_variance(values.detach(), targets, mask),
-                "value_mean": v.mean().item(),
-                "value_std": v.std().item() if v.numel() > 1 else 0.0,
-                "grad_norm": float(grad_norm),
-            }
+            bar.set_postfix(value_loss=f"{losses[-1]:.4f}")
             if step % c.eval_every == 0 or step == c.max_steps:
                 held = evaluate(cfg, model, head, tokenizer, rm, acc)
                 if held is not None:
@@ -216,30 +231,7 @@ def _train_critic(cfg: Config) -> dict:
         else:
             epoch += 1
     bar.close()
-    state = best_state or head.state_dict()
-    version = None
-    acc.wait_for_everyone()
-    if main:
-        meta = {
-            "dim": str(model.config.hidden_size),
-            "gamma": str(c.gamma),
-            "mlflow_run_id": run_id,
-        }
-        io_stream.write_safetensors(state, cfg.paths.value_head, metadata=meta)
-        version = log_pyfunc(
-            "value_head",
-            cfg.mlflow.value_head_model,
-            {"pyfunc": "value_head"},
-            artifacts={"value_head": cfg.paths.value_head},
-        )
-        mlflow.set_tags({"value_head": cfg.paths.value_head, "stopped_early": str(stop)})
-        uri = f"models:/{cfg.mlflow.value_head_model}/{version}"
-        log.info("value head written to %s, registered as %s", cfg.paths.value_head, uri)
-        mlflow.log_metrics(
-            {"best_heldout_value_loss": best if best < math.inf else float("nan")}, step=step
-        )
-        mlflow.end_run()
-    acc.wait_for_everyone()
+    version = finish(cfg, acc, model, best_state or head.state_dict(), run_id, stop, best, step)
     return {
         "value_head": cfg.paths.value_head,
         "run_id": run_id,
@@ -251,8 +243,6 @@ def _train_critic(cfg: Config) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
     args = parse_args(argv, __doc__.splitlines()[0], with_algo=False, with_resume=False)
-    from wmtp_train import end_distributed, setup
-
     train_critic(setup(args))
     end_distributed()
 

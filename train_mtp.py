@@ -3,30 +3,111 @@
 python train_mtp.py [--config config.yaml] [--algo critic] [--set key=value ...] [--resume auto|PATH]
                     [--resume-with-changes] [--force-unlock] [--quiet]
 accelerate launch --config_file fsdp.yaml train_mtp.py --config config.yaml
+
+Read top to bottom: the parts of a run (models, optimizers) -> the weights of one batch ->
+`micro_step` (forward, weights, backward) -> `optimizer_step` -> logging and checkpoints ->
+`train`, the loop of those named steps.
 """
 
 from __future__ import annotations
 
-import time
-from typing import TYPE_CHECKING
-
 from wmtp_cli import parse_args, run_cli
 
-if TYPE_CHECKING:  # the functions import torch & co. themselves: --help answers at once
-    import torch
+if __name__ == "__main__":  # --help and a bad flag answer before torch & co. are imported
+    parse_args(None, __doc__.splitlines()[0], with_algo=True)
 
-    from wmtp import Config
-    from wmtp_data import ValueHead
+import time  # noqa: E402
+from typing import NamedTuple  # noqa: E402
+
+import mlflow  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import io_stream  # noqa: E402
+from wmtp import Config  # noqa: E402
+from wmtp_ckpt import (  # noqa: E402
+    apply_hparams,
+    config_dict,
+    describe_changes,
+    fallback_tags,
+    find_resume,
+    load_train_state,
+    prune_ckpts,
+    read_ckpt_meta,
+    resume_changes,
+    save_train_state,
+)
+from wmtp_data import iter_batches  # noqa: E402
+from wmtp_dist import (  # noqa: E402
+    all_reduce_grads,
+    end_distributed,
+    full_model_on_rank0,
+    log,
+    make_accelerator,
+    quiet,
+    shared_value,
+)
+from wmtp_eval import greedy_pass_at_1  # noqa: E402
+from wmtp_loss import (  # noqa: E402
+    IGNORE,
+    ValueHead,
+    critic_weights,
+    mtp_loss,
+    mtp_targets,
+    next_token_ce,
+    rho1_excess,
+    rho1_weights,
+    value_mask,
+    value_targets,
+    weight_summary,
+)
+from wmtp_model import save_model  # noqa: E402
+from wmtp_runs import (  # noqa: E402
+    claim_run,
+    log_head_plots,
+    log_pyfunc,
+    log_startup,
+    mlflow_connect,
+    mlflow_start,
+    resolve_mlflow_uri,
+    run_name_for,
+    set_lock_run_id,
+    tracked_run,
+    weight_histogram,
+)
+from wmtp_train import (  # noqa: E402
+    Throughput,
+    batch_rewards,
+    load_base,
+    load_base_ref,
+    load_frozen,
+    lr_schedule,
+    setup,
+)
+
+# ---------------------------------------------------------------------------------------------
+# The parts of a run
+
+
+class Parts(NamedTuple):
+    """What a stage-2 run trains and reads: the model and its optimizer, the frozen reference or
+    reward model, and the critic's value head (trained alongside when critic.value_coef > 0)."""
+
+    tokenizer: object
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: object
+    ref: torch.nn.Module | None
+    rm: torch.nn.Module | None
+    value_head: ValueHead | None
+    value_opt: torch.optim.Optimizer | None
+    stored_dtype: torch.dtype
 
 
 def load_value_head(cfg: Config, dim: int) -> tuple[ValueHead, dict[str, str]]:
     """The stage-1 value head from critic.value_head (path, runs:/ or models:/ URI) or
     paths.value_head, and MLflow tags that link this run to it: where it came from and the
     stage-1 run that trained it (recorded in the file's metadata)."""
-    import io_stream
-    from wmtp_data import ValueHead
-    from wmtp_train import mlflow_connect, resolve_mlflow_uri
-
     src = cfg.critic.value_head or cfg.paths.value_head
     tags = {"value_head": src}
     if src.startswith(("runs:/", "models:/")):
@@ -50,156 +131,18 @@ def load_value_head(cfg: Config, dim: int) -> tuple[ValueHead, dict[str, str]]:
     return head, tags | ({"value_head_run_id": stage1} if stage1 else {})
 
 
-def make_weight_fn(
-    cfg: Config, labels: torch.Tensor, ref_ce, value_head, train_value: bool, stash: dict
-):
-    """The per-algo weight function handed to mtp_loss (called once with CE and head-0's hidden)."""
-    import torch
-
-    from wmtp_data import critic_weights, rho1_excess, rho1_weights
-
-    algo = cfg.train.algo
-    if algo == "baseline":
-        return None
-
-    def weights(ce: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        if algo == "critic":
-            c = cfg.critic
-            with torch.set_grad_enabled(train_value):
-                stash["values"] = value_head(hidden)
-            w = critic_weights(
-                stash["values"].detach(),
-                labels,
-                discount=c.discount,
-                temperature=c.temperature,
-                normalize=c.normalize,
-                eps=c.eps,
-                max_weight=c.max_weight,
-            )
-        else:
-            r = cfg.rho1
-            w = rho1_weights(
-                rho1_excess(ce, ref_ce),
-                labels,
-                mode="skip" if algo == "rho1-tokenskip" else "weighted",
-                temperature=r.temperature,
-                keep_ratio=r.keep_ratio,
-                normalize=r.normalize,
-                eps=r.eps,
-                max_weight=r.max_weight,
-                scope=r.scope,
-            )
-        stash["weights"] = w
-        return w
-
-    weights.needs_ce = algo != "critic"  # the critic reads only head 0's hidden state: no CE pass
-    return weights
-
-
-def train(
-    cfg: Config,
-    resume: str | None = None,
-    *,
-    stop_after: int | None = None,
-    allow_changes: bool = False,
-    force_unlock: bool = False,
-) -> dict:
-    """Run stage 2; returns {"run_dir", "run_id", "losses": [rank 0's loss per optimizer step]}.
-    allow_changes: resume although hyperparameters changed; force_unlock: take a live-looking lock.
-    Runs under wmtp_train.tracked_run (MLflow status FAILED/KILLED on errors, locks released)."""
-    from wmtp_train import tracked_run
-
-    return tracked_run(_train)(
-        cfg,
-        resume,
-        stop_after=stop_after,
-        allow_changes=allow_changes,
-        force_unlock=force_unlock,
-    )
-
-
-def _train(
-    cfg: Config,
-    resume: str | None,
-    *,
-    stop_after: int | None,
-    allow_changes: bool,
-    force_unlock: bool,
-) -> dict:
-    """train's body."""
-    import torch
-    from tqdm import tqdm
-
-    import io_stream
-    from wmtp_data import (
-        IGNORE,
-        mtp_loss,
-        mtp_targets,
-        next_token_ce,
-        value_mask,
-        value_targets,
-        weight_stats,
-    )
-    from wmtp_eval import greedy_pass_at_1
-    from wmtp_model import save_model
-    from wmtp_train import (
-        Throughput,
-        all_reduce_grads,
-        apply_hparams,
-        batch_rewards,
-        claim_run,
-        config_dict,
-        describe_changes,
-        fallback_tags,
-        find_resume,
-        full_model_on_rank0,
-        iter_batches,
-        load_base,
-        load_base_ref,
-        load_frozen,
-        load_train_state,
-        log,
-        log_head_plots,
-        log_pyfunc,
-        log_startup,
-        lr_schedule,
-        make_accelerator,
-        mlflow_start,
-        prune_ckpts,
-        quiet,
-        read_ckpt_meta,
-        resume_changes,
-        run_name_for,
-        save_train_state,
-        set_lock_run_id,
-        shared_value,
-        weight_histogram,
-    )
-
-    t = cfg.train
-    algo = t.algo
-    kind = f"mtp-{algo}"  # run names by stage: mtp-<algo>-<time>; stage 1's are critic-<time>
-    acc = make_accelerator(cfg, t.grad_accum)
-    ckpt_path = shared_value(
-        acc, lambda: find_resume(resume, cfg.paths.checkpoints, t.run_name, kind)
-    )
-    saved = shared_value(acc, lambda: read_ckpt_meta(ckpt_path)) if ckpt_path else None
-    run_name = run_name_for(acc, saved["run_name"] if saved else t.run_name, kind)
-    run_dir = io_stream.join(cfg.paths.checkpoints, run_name)
-    run_id = saved.get("mlflow_run_id") if saved else None
-    shared_value(acc, lambda: claim_run(cfg, run_dir, run_id, force=force_unlock))
-    changes = resume_changes(ckpt_path, saved["config"], cfg, allow_changes) if saved else {}
-
-    torch.manual_seed(t.seed)
+def build(cfg: Config, acc) -> tuple[Parts, dict[str, str]]:
+    """Load the models the algorithm needs, make the optimizers and the LR schedule; returns the
+    parts and MLflow tags naming the value head (critic)."""
+    t, algo = cfg.train, cfg.train.algo
     tokenizer, model = load_base(cfg, acc)
     # fp32 master weights and optimizer state whatever the stored dtype (a bf16 step of lr 1e-5
     # leaves most weights unchanged); compute follows train.mixed_precision through autocast.
     # The final model is saved in the stored dtype again (a bf16 7B base stays 13.5 GB, not 27).
     stored_dtype = next(model.parameters()).dtype
     model.float()
-    H = model.n_heads
-    ref = rm = value_head = None
-    value_head_tags: dict[str, str] = {}
+    ref = rm = value_head = value_opt = None
+    tags: dict[str, str] = {}
     if algo.startswith("rho1"):
         if not cfg.paths.models.ref:
             raise ValueError(
@@ -213,256 +156,450 @@ def _train(
                 acc, cfg.paths.models.ref, "causal", tokenizer, "reference", t.shard_frozen_over_gib
             )
     if algo == "critic":
-        value_head, value_head_tags = load_value_head(cfg, model.config.hidden_size)
+        value_head, tags = load_value_head(cfg, model.config.hidden_size)
         value_head = value_head.to(acc.device)
-        if cfg.critic.value_coef > 0 and cfg.paths.models.rm:
+        train_value = cfg.critic.value_coef > 0
+        if train_value and cfg.paths.models.rm:
             rm = load_frozen(
                 acc, cfg.paths.models.rm, "reward", tokenizer, "reward", t.shard_frozen_over_gib
             )
-    train_value = value_head is not None and cfg.critic.value_coef > 0
-    value_opt = None
-    if value_head is not None:
         value_head.requires_grad_(train_value)
         if train_value:  # small and replicated: its own optimizer, gradients averaged by hand
             value_opt = torch.optim.AdamW(
                 value_head.parameters(), lr=cfg.critic.value_lr, weight_decay=0.0
             )
-
     opt = torch.optim.AdamW(
         model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
     )
     model, opt = acc.prepare(model, opt)  # under FSDP2 model and optimizer are sharded together
     sched = lr_schedule(opt, t.schedule, t.warmup_steps, t.max_steps)
-    step, epoch, examples_done = 0, 0, 0
-    if ckpt_path:
-        state = load_train_state(ckpt_path, model, opt)
-        sched.load_state_dict(state["scheduler"])
-        if train_value:
-            value_head.load_state_dict(state["value_head"])
-            value_opt.load_state_dict(state["value_optimizer"])
-        step, epoch, examples_done = state["step"], state["epoch"], state["examples_done"]
-        if changes:
-            apply_hparams(cfg, opt, sched, value_opt)
-        log.info("resuming from %s at step %d", ckpt_path, step)
+    parts = Parts(tokenizer, model, opt, sched, ref, rm, value_head, value_opt, stored_dtype)
+    return parts, tags
 
-    main = acc.is_main_process
-    mlflow = None
-    if main:
-        import mlflow
 
-        run = mlflow_start(cfg, run_name, run_id)
-        run_id = run.info.run_id
-        mlflow.set_tags(
-            {
-                "stage": "mtp",
-                "algo": algo,
-                "run_dir": run_dir,
-                "world_size": acc.num_processes,
-                **value_head_tags,
-                **fallback_tags(),
-            }
+# ---------------------------------------------------------------------------------------------
+# One micro-batch and one optimizer step
+
+
+class StepSums(NamedTuple):
+    """An optimizer step's sums over its micro-batches, then over all ranks (one all-reduce)."""
+
+    weighted_ce: torch.Tensor  # Σ w·m·CE
+    weight: torch.Tensor  # Σ w·m
+    head_ce: torch.Tensor  # [H]: Σ CE over each head's valid slots
+    head_slots: torch.Tensor  # [H]: each head's valid slots
+
+
+class MicroStep(NamedTuple):
+    """What one micro-batch gives the loop besides its gradients (tensors on the device)."""
+
+    sums: StepSums
+    labels: torch.Tensor  # [B,S,H] MTP targets
+    weights: torch.Tensor | None  # [B,S,H] the weights applied (None: baseline, uniform)
+    value_loss: torch.Tensor | None  # the value head's masked MSE (critic with value_coef > 0)
+    tokens: torch.Tensor  # this rank's non-pad tokens
+
+
+def add_sums(a: StepSums, b: StepSums) -> StepSums:
+    """Field-wise a + b."""
+    return StepSums(*(x + y for x, y in zip(a, b)))
+
+
+def reduce_sums(acc, sums: StepSums) -> StepSums:
+    """The sums of every rank, as one all-reduce."""
+    H = len(sums.head_ce)
+    flat = acc.reduce(torch.cat([sums.weighted_ce[None], sums.weight[None], *sums[2:]]), "sum")
+    return StepSums(flat[0], flat[1], flat[2 : 2 + H], flat[2 + H :])
+
+
+def weight_fn(cfg: Config, labels: torch.Tensor, ref_ce: torch.Tensor | None, value_head):
+    """The algorithm's weight function for mtp_loss (None for baseline): it gets each slot's CE
+    and head 0's final normed hidden state and returns detached weights [B,S,H]."""
+    algo = cfg.train.algo
+    if algo == "baseline":
+        return None
+
+    def weights(ce: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
+        if algo == "critic":
+            c = cfg.critic
+            with torch.no_grad():
+                values = value_head(hidden)
+            return critic_weights(
+                values,
+                labels,
+                discount=c.discount,
+                temperature=c.temperature,
+                normalize=c.normalize,
+                eps=c.eps,
+                max_weight=c.max_weight,
+            )
+        r = cfg.rho1
+        return rho1_weights(
+            rho1_excess(ce, ref_ce),
+            labels,
+            mode="skip" if algo == "rho1-tokenskip" else "weighted",
+            temperature=r.temperature,
+            keep_ratio=r.keep_ratio,
+            normalize=r.normalize,
+            eps=r.eps,
+            max_weight=r.max_weight,
+            scope=r.scope,
         )
-        set_lock_run_id(run_dir, run_id)
-        if changes:
-            mlflow.set_tag(f"resumed_with_changes_at_step_{step}", describe_changes(changes))
-    run_id = shared_value(acc, lambda: run_id)
-    if main:
-        models = {"model": model, "reference": ref, "value head": value_head, "reward model": rm}
-        log_startup(acc, cfg, run, models)
-    losses: list[float] = []
-    bar = tqdm(
-        total=t.max_steps, initial=step, disable=not main or quiet(), desc=algo, dynamic_ncols=True
+
+    weights.needs_ce = algo != "critic"  # the critic reads only head 0's hidden state: no CE pass
+    return weights
+
+
+def provisional_weight(acc, batch: dict, n_heads: int) -> torch.Tensor:
+    """All ranks' valid slots in this micro-batch: times grad_accum, it stands in for the step's
+    Σ w·m until the step's last micro-batch makes that known (optimizer_step then rescales)."""
+    ids = batch["input_ids"].to(acc.device)
+    labels = mtp_targets(
+        ids,
+        batch["loss_mask"].to(acc.device),
+        n_heads,
+        attention_mask=batch["attention_mask"].to(acc.device),
     )
-    speed = Throughput()
-    model.train()
-    stash: dict = {}
-    hist = None  # rank 0's per-head weight histogram since the last plot
-    top = cfg.critic.max_weight if algo == "critic" else cfg.rho1.max_weight  # weights' bound
-    window: dict[str, list[float]] = {}
-    per_step = t.batch_size * acc.num_processes  # examples consumed per micro-step, all ranks
-    # one objective per optimizer step: Σ w·m·CE over all its micro-batches and ranks / their Σ w·m
-    # (accelerate divides each backward by grad_accum, DDP and FSDP average over the ranks)
-    micro_share = acc.num_processes * t.grad_accum
-    new_step = True
+    return acc.reduce((labels != IGNORE).sum().double(), "sum").clamp_min(1)
 
-    while step < t.max_steps and epoch < t.epochs:
-        batches = iter_batches(
-            cfg,
-            tokenizer,
-            t.batch_size,
-            epoch=epoch,
-            rank=acc.process_index,
-            world=acc.num_processes,
-            skip_examples=examples_done,
+
+def micro_step(cfg: Config, acc, parts: Parts, batch: dict, denominator: torch.Tensor) -> MicroStep:
+    """Forward, weights and backward of one micro-batch. The loss is Σ w·m·CE / `denominator`
+    (the step's Σ w·m as far as it is known, see optimizer_step), so that the gradients of all
+    micro-batches and ranks add up to those of one mean over the step's slots."""
+    model, H = parts.model, parts.model.n_heads
+    ids = batch["input_ids"].to(acc.device)
+    attn = batch["attention_mask"].to(acc.device)
+    loss_mask = batch["loss_mask"].to(acc.device)
+    labels = mtp_targets(ids, loss_mask, H, attention_mask=attn)
+    valid = labels != IGNORE
+    ref_ce = None
+    if parts.ref is not None:
+        with torch.no_grad():
+            ref_ce = next_token_ce(
+                parts.ref(input_ids=ids, attention_mask=attn).logits.float(), ids
+            )
+    with acc.autocast():
+        loss, head_ce, weights, hidden = mtp_loss(
+            model,
+            ids,
+            labels,
+            weights=weight_fn(cfg, labels, ref_ce, parts.value_head),
+            attention_mask=attn,
+            denominator=denominator,
+            details=True,
         )
-        for batch in batches:
-            ids = batch["input_ids"].to(acc.device)
-            attn = batch["attention_mask"].to(acc.device)
-            loss_mask = batch["loss_mask"].to(acc.device)
-            labels = mtp_targets(ids, loss_mask, H, attention_mask=attn)
-            valid = labels != IGNORE
-            if new_step:
-                # [Σ w·m·CE, Σ w·m, per-head Σ CE (H), per-head slots (H)] of the step, then the
-                # step's slot count, which stands in for its Σ w·m until that is known
-                sums = torch.zeros(2 + 2 * H, dtype=torch.float64, device=acc.device)
-                provisional = acc.reduce(valid.sum().double(), "sum").clamp_min(1) * t.grad_accum
-            with acc.accumulate(model):
-                ref_ce = None
-                if ref is not None:
-                    with torch.no_grad():
-                        ref_ce = next_token_ce(
-                            ref(input_ids=ids, attention_mask=attn).logits.float(), ids
-                        )
-                weights = make_weight_fn(cfg, labels, ref_ce, value_head, train_value, stash)
-                with acc.autocast():
-                    loss, head_ce = mtp_loss(
-                        model,
-                        ids,
-                        labels,
-                        weights=weights,
-                        attention_mask=attn,
-                        denominator=provisional / micro_share,
-                    )
-                acc.backward(loss)  # gradient so far: Σ ∇(Σ w·m·CE) / provisional
-                w = stash["weights"] if "weights" in stash else valid
-                slots = valid.sum((0, 1)).double()
-                sums += torch.cat(
-                    [
-                        torch.stack(
-                            [loss.detach() * provisional / micro_share, (w * valid).sum()]
-                        ).double(),
-                        head_ce.double().nan_to_num() * slots,
-                        slots,
-                    ]
-                )
-                if train_value:
-                    mask = value_mask(loss_mask).float()
-                    target = value_targets(
-                        batch_rewards(batch, rm, acc.device), mask, cfg.critic.gamma
-                    )
-                    vloss = ((stash.pop("values") - target) ** 2 * mask).sum() / mask.sum().clamp(
-                        min=1
-                    )
-                    (cfg.critic.value_coef * vloss / t.grad_accum).backward()
-                    window.setdefault("value_loss", []).append(vloss.item())
-                grad_norm = None
-                if acc.sync_gradients:
-                    sums = acc.reduce(sums, "sum")
-                    fix = float(provisional / sums[1].clamp_min(torch.finfo(torch.float32).tiny))
-                    for p in model.parameters():  # now Σ ∇(Σ w·m·CE) / the step's Σ w·m
-                        if p.grad is not None:
-                            p.grad.mul_(fix)
-                    grad_norm = acc.clip_grad_norm_(model.parameters(), t.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            new_step = acc.sync_gradients
-            examples_done += per_step
-            speed.add(int(attn.sum()) * acc.num_processes)
-            window.setdefault("examples_cut", []).append(batch["n_cut"])
-            if "weights" in stash:
-                if main and t.plot_every:
-                    counts = weight_histogram(stash["weights"], valid, top)
-                    hist = counts if hist is None else hist + counts
-                for k, v in weight_stats(stash.pop("weights"), labels).items():
-                    window.setdefault(f"weight_{k}", []).append(v)
-            if not acc.sync_gradients:
-                continue
-            if train_value:
-                all_reduce_grads(acc, value_head)
-                torch.nn.utils.clip_grad_norm_(value_head.parameters(), t.grad_clip)
-                value_opt.step()
-                value_opt.zero_grad(set_to_none=True)
-            sched.step()
-            step += 1
-            losses.append((sums[0] / sums[1]).item())
-            window.setdefault("loss", []).append(losses[-1])
-            for k, ce in enumerate((sums[2 : 2 + H] / sums[2 + H :]).tolist()):
-                window.setdefault(f"ce_head{k}", []).append(ce)
-            if grad_norm is not None:
-                window.setdefault("grad_norm", []).append(float(grad_norm))
-            bar.update(1)
-            if step % t.log_every == 0 or step == t.max_steps:
-                metrics = {k: sum(v) / len(v) for k, v in window.items() if k != "examples_cut"}
-                metrics.update(
-                    lr=sched.get_last_lr()[0],
-                    tokens_per_s=speed.rate(),
-                    examples_cut=sum(window["examples_cut"]),
-                )
-                window.clear()
-                bar.set_postfix(
-                    loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}"
-                )
-                if main:
-                    mlflow.log_metrics(metrics, step=step)
-            if main and t.plot_every and (step % t.plot_every == 0 or step == t.max_steps):
-                log_head_plots(run_id, step, H, hist, top)
-                hist = None
-            if cfg.eval.every and step % cfg.eval.every == 0:  # every rank: FSDP gathers on rank 0
-                scores = greedy_pass_at_1(full_model_on_rank0(model), tokenizer, cfg, acc.device)
-                if main:
-                    mlflow.log_metrics(scores, step=step)
-            if step % t.save_every == 0 or step == t.max_steps:
-                path = io_stream.join(run_dir, f"step_{step}")
-                extra = {
-                    "scheduler": sched.state_dict(),
-                    "step": step,
-                    "epoch": epoch,
-                    "examples_done": examples_done,
-                    "config": config_dict(cfg),
-                    "mlflow_run_id": run_id,
-                    "run_name": run_name,
-                    "saved_at": time.time(),
-                }
-                if train_value:
-                    extra |= {
-                        "value_head": value_head.state_dict(),
-                        "value_optimizer": value_opt.state_dict(),
-                    }
-                path = save_train_state(path, model, opt, extra, fallback=t.checkpoint_fallback)
-                log.info("checkpoint written to %s", path)
-                if main:
-                    prune_ckpts(run_dir, t.keep_last, fallback=t.checkpoint_fallback)
-                    latest = {"checkpoint_latest": path, f"checkpoint_step_{step}": path}
-                    mlflow.set_tags({**latest, **fallback_tags()})
-            if stop_after is not None and step >= stop_after:
-                bar.close()
-                if main:
-                    mlflow.end_run(status="KILLED")
-                return {"run_dir": run_dir, "run_id": run_id, "losses": losses}
-            if step >= t.max_steps:
-                break
-        else:
-            epoch += 1
-            names = ", ".join(cfg.data.train)
-            log.info("epoch %d done: %d examples of %s", epoch, examples_done, names)
-            examples_done = 0
-    bar.close()
-    final = io_stream.join(run_dir, "final")
-    full = full_model_on_rank0(model)
+    acc.backward(loss)  # gradient so far: Σ ∇(Σ w·m·CE) / denominator
+    slots = valid.sum((0, 1)).double()
+    sums = StepSums(
+        (loss.detach() * denominator).double(),
+        weights.sum().double(),
+        head_ce.double().nan_to_num() * slots,
+        slots,
+    )
+    value_loss = None
+    if parts.value_opt is not None:
+        mask = value_mask(loss_mask).float()
+        target = value_targets(batch_rewards(batch, parts.rm, acc.device), mask, cfg.critic.gamma)
+        values = parts.value_head(hidden)
+        value_loss = ((values - target) ** 2 * mask).sum() / mask.sum().clamp(min=1)
+        (cfg.critic.value_coef * value_loss / cfg.train.grad_accum).backward()
+        value_loss = value_loss.detach()
+    uniform = cfg.train.algo == "baseline"
+    return MicroStep(sums, labels, None if uniform else weights, value_loss, attn.sum())
+
+
+def optimizer_step(
+    cfg: Config, acc, parts: Parts, sums: StepSums, provisional: torch.Tensor
+) -> torch.Tensor:
+    """Rescale the gradients from the provisional denominator to the step's Σ w·m (all ranks),
+    clip, step the optimizers and the schedule; returns the gradient norm before clipping."""
+    fix = provisional / sums.weight.clamp_min(torch.finfo(torch.float32).tiny)
+    grads = [p.grad for p in parts.model.parameters() if p.grad is not None]
+    torch._foreach_mul_(grads, fix.float())  # now Σ ∇(Σ w·m·CE) / the step's Σ w·m
+    grad_norm = acc.clip_grad_norm_(parts.model.parameters(), cfg.train.grad_clip)
+    parts.opt.step()
+    parts.opt.zero_grad(set_to_none=True)
+    if parts.value_opt is not None:
+        all_reduce_grads(acc, parts.value_head)
+        torch.nn.utils.clip_grad_norm_(parts.value_head.parameters(), cfg.train.grad_clip)
+        parts.value_opt.step()
+        parts.value_opt.zero_grad(set_to_none=True)
+    parts.sched.step()
+    return grad_norm
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging and checkpoints
+
+
+def note_micro_step(window: dict, micro: MicroStep, batch: dict) -> None:
+    """Add a micro-batch's statistics to the logging window (tensors: read once per log line)."""
+    window.setdefault("examples_cut", []).append(batch["n_cut"])
+    if micro.weights is not None:
+        stats = weight_summary(micro.weights, micro.labels)
+        for name, value in zip(("mean", "std", "max", "entropy", "kept"), stats):
+            window.setdefault(f"weight_{name}", []).append(value)
+    if micro.value_loss is not None:
+        window.setdefault("value_loss", []).append(micro.value_loss)
+
+
+def note_step(window: dict, sums: StepSums, grad_norm: torch.Tensor) -> torch.Tensor:
+    """Add an optimizer step's loss, per-head CE and gradient norm to the window; returns the loss."""
+    loss = sums.weighted_ce / sums.weight
+    window.setdefault("loss", []).append(loss)
+    for k, ce in enumerate(sums.head_ce / sums.head_slots):
+        window.setdefault(f"ce_head{k}", []).append(ce)
+    if grad_norm is not None:
+        window.setdefault("grad_norm", []).append(grad_norm)
+    return loss
+
+
+def log_window(window: dict, step: int, sched, speed: Throughput, bar, main: bool) -> None:
+    """Means over the window (sums for examples_cut), lr and tokens/s to MLflow (rank 0)."""
+    cut = sum(window.pop("examples_cut", []))
+    metrics = {
+        k: float(torch.stack([torch.as_tensor(x) for x in v]).double().mean())
+        for k, v in window.items()
+    }
+    metrics.update(lr=sched.get_last_lr()[0], tokens_per_s=speed.rate(), examples_cut=cut)
+    window.clear()
+    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
     if main:
-        full.to(stored_dtype)  # training is over: the fp32 masters are no longer needed
-        save_model(full, final, tokenizer)  # the one copy: the MLflow model below points at it
+        mlflow.log_metrics(metrics, step=step)
+
+
+def save_checkpoint(cfg: Config, parts: Parts, run: dict, position: dict, main: bool) -> None:
+    """Write the train state at `position` (step, epoch, examples_done) to <run_dir>/step_<N>,
+    prune old checkpoints and tag the MLflow run (rank 0)."""
+    step = position["step"]
+    extra = {
+        "scheduler": parts.sched.state_dict(),
+        **position,
+        "config": config_dict(cfg),
+        "mlflow_run_id": run["run_id"],
+        "run_name": run["run_name"],
+        "saved_at": time.time(),
+    }
+    if parts.value_opt is not None:
+        extra |= {
+            "value_head": parts.value_head.state_dict(),
+            "value_optimizer": parts.value_opt.state_dict(),
+        }
+    t = cfg.train
+    path = io_stream.join(run["run_dir"], f"step_{step}")
+    path = save_train_state(path, parts.model, parts.opt, extra, fallback=t.checkpoint_fallback)
+    log.info("checkpoint written to %s", path)
+    if main:
+        prune_ckpts(run["run_dir"], t.keep_last, fallback=t.checkpoint_fallback)
+        latest = {"checkpoint_latest": path, f"checkpoint_step_{step}": path}
+        mlflow.set_tags({**latest, **fallback_tags()})
+
+
+def evaluate_now(cfg: Config, acc, parts: Parts, step: int) -> None:
+    """The periodic greedy pass@1 (eval.every), on every rank: FSDP gathers the model on rank 0."""
+    scores = greedy_pass_at_1(full_model_on_rank0(parts.model), parts.tokenizer, cfg, acc.device)
+    if acc.is_main_process:
+        mlflow.log_metrics(scores, step=step)
+
+
+def stop(acc, bar, run: dict, losses: list) -> dict:
+    """End a run cut short by stop_after: its MLflow run is KILLED, as after a crash."""
+    bar.close()
+    if acc.is_main_process:
+        mlflow.end_run(status="KILLED")
+    return {
+        "run_dir": run["run_dir"],
+        "run_id": run["run_id"],
+        "losses": [float(x) for x in losses],
+    }
+
+
+def finish(cfg: Config, acc, parts: Parts, run: dict, step: int, losses: list[float]) -> None:
+    """Write the final model (in its stored dtype) and register it; the value head beside it."""
+    final = io_stream.join(run["run_dir"], "final")
+    full = full_model_on_rank0(parts.model)
+    if acc.is_main_process:
+        full.to(parts.stored_dtype)  # training is over: the fp32 masters are no longer needed
+        save_model(full, final, parts.tokenizer)  # the one copy: the MLflow model points at it
         mlflow.set_tag("final_model", final)
         config = {"pyfunc": "mtp", "final_model": final, "max_new_tokens": cfg.eval.max_new_tokens}
         name = cfg.mlflow.mtp_model
         uri = f"models:/{name}/{log_pyfunc('model', name, config)}"
         mlflow.set_tag("final_model_version", uri)
         log.info("final model written to %s, registered as %s", final, uri)
-        if train_value:
+        if parts.value_opt is not None:
             io_stream.write_safetensors(
-                value_head.state_dict(), io_stream.join(run_dir, "value_head.safetensors")
+                parts.value_head.state_dict(),
+                io_stream.join(run["run_dir"], "value_head.safetensors"),
             )
         mlflow.log_metrics({"final_loss": losses[-1] if losses else float("nan")}, step=step)
         mlflow.end_run()
     acc.wait_for_everyone()
-    return {"run_dir": run_dir, "run_id": run_id, "losses": losses}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def open_run(cfg: Config, acc, resume: str | None, allow_changes: bool, force_unlock: bool) -> dict:
+    """Find the checkpoint to resume (if any), name and lock the run folder; returns the run's
+    {run_name, run_dir, run_id, ckpt, changes} (the MLflow run starts in start_tracking)."""
+    t, kind = cfg.train, f"mtp-{cfg.train.algo}"  # run names mtp-<algo>-<time>; stage 1's critic-
+    ckpt = shared_value(acc, lambda: find_resume(resume, cfg.paths.checkpoints, t.run_name, kind))
+    saved = shared_value(acc, lambda: read_ckpt_meta(ckpt)) if ckpt else None
+    run_name = run_name_for(acc, saved["run_name"] if saved else t.run_name, kind)
+    run_dir = io_stream.join(cfg.paths.checkpoints, run_name)
+    run_id = saved.get("mlflow_run_id") if saved else None
+    shared_value(acc, lambda: claim_run(cfg, run_dir, run_id, force=force_unlock))
+    changes = resume_changes(ckpt, saved["config"], cfg, allow_changes) if saved else {}
+    return {
+        "run_name": run_name,
+        "run_dir": run_dir,
+        "run_id": run_id,
+        "ckpt": ckpt,
+        "changes": changes,
+    }
+
+
+def restore(cfg: Config, parts: Parts, run: dict) -> dict:
+    """The loop's position {step, epoch, examples_done}: from the checkpoint being resumed (model,
+    optimizers, schedule and RNG restored in place), else the start."""
+    if not run["ckpt"]:
+        return {"step": 0, "epoch": 0, "examples_done": 0}
+    state = load_train_state(run["ckpt"], parts.model, parts.opt)
+    parts.sched.load_state_dict(state["scheduler"])
+    if parts.value_opt is not None:
+        parts.value_head.load_state_dict(state["value_head"])
+        parts.value_opt.load_state_dict(state["value_optimizer"])
+    if run["changes"]:
+        apply_hparams(cfg, parts.opt, parts.sched, parts.value_opt)
+    log.info("resuming from %s at step %d", run["ckpt"], state["step"])
+    return {k: state[k] for k in ("step", "epoch", "examples_done")}
+
+
+def start_tracking(cfg: Config, acc, parts: Parts, run: dict, tags: dict, step: int) -> None:
+    """Start (or continue) the MLflow run on rank 0, tag it, say what the run is; every rank
+    learns its id."""
+    run_id = run["run_id"]
+    if acc.is_main_process:
+        active = mlflow_start(cfg, run["run_name"], run_id)
+        run_id = active.info.run_id
+        mlflow.set_tags(
+            {
+                "stage": "mtp",
+                "algo": cfg.train.algo,
+                "run_dir": run["run_dir"],
+                "world_size": acc.num_processes,
+                **tags,
+                **fallback_tags(),
+            }
+        )
+        set_lock_run_id(run["run_dir"], run_id)
+        if run["changes"]:
+            mlflow.set_tag(f"resumed_with_changes_at_step_{step}", describe_changes(run["changes"]))
+        models = {
+            "model": parts.model,
+            "reference": parts.ref,
+            "value head": parts.value_head,
+            "reward model": parts.rm,
+        }
+        log_startup(acc, cfg, active, models)
+    run["run_id"] = shared_value(acc, lambda: run_id)
+
+
+def train(
+    cfg: Config,
+    resume: str | None = None,
+    *,
+    stop_after: int | None = None,
+    allow_changes: bool = False,
+    force_unlock: bool = False,
+    accelerator=None,
+) -> dict:
+    """Run stage 2; returns {"run_dir", "run_id", "losses": [rank 0's loss per optimizer step]}.
+    allow_changes: resume although hyperparameters changed; force_unlock: take a live-looking lock;
+    accelerator: an Accelerator to use instead of make_accelerator(cfg, train.grad_accum).
+    Runs under wmtp_runs.tracked_run (MLflow status FAILED/KILLED on errors, locks released)."""
+    return tracked_run(_train)(cfg, resume, stop_after, allow_changes, force_unlock, accelerator)
+
+
+def _train(cfg: Config, resume, stop_after, allow_changes, force_unlock, accelerator) -> dict:
+    """train's loop: open the run, build, then per optimizer step its micro-steps and one
+    optimizer step; log, evaluate, checkpoint; finish."""
+    t = cfg.train
+    acc = accelerator or make_accelerator(cfg, t.grad_accum)
+    run = open_run(cfg, acc, resume, allow_changes, force_unlock)
+    torch.manual_seed(t.seed)
+    parts, tags = build(cfg, acc)
+    pos = restore(cfg, parts, run)
+    start_tracking(cfg, acc, parts, run, tags, pos["step"])
+    main = acc.is_main_process
+    bar = tqdm(
+        total=t.max_steps, initial=pos["step"], disable=not main or quiet(), desc=t.algo,
+        dynamic_ncols=True,
+    )  # fmt: skip
+    speed, window, losses, hist = Throughput(), {}, [], None
+    top = cfg.critic.max_weight if t.algo == "critic" else cfg.rho1.max_weight  # weights' bound
+    micro_share = acc.num_processes * t.grad_accum  # micro-batches in one step, all ranks
+    parts.model.train()
+    new_step = True
+    while pos["step"] < t.max_steps and pos["epoch"] < t.epochs:
+        for batch in iter_batches(
+            cfg, parts.tokenizer, t.batch_size, epoch=pos["epoch"], rank=acc.process_index,
+            world=acc.num_processes, skip_examples=pos["examples_done"],
+        ):  # fmt: skip
+            if new_step:
+                sums, provisional = (
+                    None,
+                    provisional_weight(acc, batch, parts.model.n_heads) * t.grad_accum,
+                )
+            with acc.accumulate(parts.model):
+                micro = micro_step(cfg, acc, parts, batch, provisional / micro_share)
+                sums = micro.sums if sums is None else add_sums(sums, micro.sums)
+                if acc.sync_gradients:
+                    sums = reduce_sums(acc, sums)
+                    grad_norm = optimizer_step(cfg, acc, parts, sums, provisional)
+            new_step = acc.sync_gradients
+            pos["examples_done"] += t.batch_size * acc.num_processes
+            speed.add(micro.tokens * acc.num_processes)
+            note_micro_step(window, micro, batch)
+            if main and t.plot_every and micro.weights is not None:
+                counts = weight_histogram(micro.weights, micro.labels != IGNORE, top)
+                hist = counts if hist is None else hist + counts
+            if not acc.sync_gradients:
+                continue
+            pos["step"] += 1
+            step = pos["step"]
+            losses.append(note_step(window, sums, grad_norm))
+            bar.update(1)
+            if step % t.log_every == 0 or step == t.max_steps:
+                log_window(window, step, parts.sched, speed, bar, main)
+            if main and t.plot_every and (step % t.plot_every == 0 or step == t.max_steps):
+                log_head_plots(run["run_id"], step, parts.model.n_heads, hist, top)
+                hist = None
+            if cfg.eval.every and step % cfg.eval.every == 0:
+                evaluate_now(cfg, acc, parts, step)
+            if step % t.save_every == 0 or step == t.max_steps:
+                save_checkpoint(cfg, parts, run, pos, main)
+            if stop_after is not None and step >= stop_after:  # tests: a run cut short
+                return stop(acc, bar, run, losses)
+            if step >= t.max_steps:
+                break
+        else:
+            pos["epoch"] += 1
+            names = ", ".join(cfg.data.train)
+            log.info("epoch %d done: %d examples of %s", pos["epoch"], pos["examples_done"], names)
+            pos["examples_done"] = 0
+    bar.close()
+    losses = [float(x) for x in losses]
+    finish(cfg, acc, parts, run, pos["step"], losses)
+    return {"run_dir": run["run_dir"], "run_id": run["run_id"], "losses": losses}
 
 
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
     args = parse_args(argv, __doc__.splitlines()[0], with_algo=True)
-    from wmtp_train import end_distributed, setup
-
     cfg = setup(args)
     train(
         cfg,

@@ -1,4 +1,4 @@
-"""What the bytes mean: the config schema here; models, tokenizers, data, loss and weights re-exported.
+"""The config schema (`load_config`), and lazy re-exports of the kit's functions for notebooks.
 
 `from wmtp import mtp_loss, load_model, iter_dataset, load_config` is all a notebook needs.
 """
@@ -546,73 +546,51 @@ def config_params(cfg: Config) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------
 # One import for notebooks: from wmtp import mtp_loss, load_model, iter_dataset, ...
+# The re-exports are lazy (PEP 562): loading a config imports neither torch nor transformers.
 
-from wmtp_data import (  # noqa: E402
-    Example,
-    ValueHead,
-    collate,
-    critic_weights,
-    encode,
-    iter_dataset,
-    mtp_loss,
-    mtp_targets,
-    next_token_ce,
-    rho1_excess,
-    rho1_weights,
-    uniform_weights,
-    value_targets,
-    weight_stats,
-)
-from wmtp_eval import (  # noqa: E402
-    check_program,
-    evaluate,
-    generate,
-    greedy_decode,
-    greedy_decode_batch,
-    pass_at_k,
-)
-from wmtp_model import (  # noqa: E402
-    MTPModel,
-    Tokenizer,
-    byte_tokenizer,
-    init_mtp_model,
-    load_model,
-    load_tokenizer,
-    same_tokenizer,
-    save_model,
-)
+EXPORTS = {
+    "wmtp_data": ("Example", "collate", "encode", "iter_dataset"),
+    "wmtp_loss": (
+        "ValueHead",
+        "critic_weights",
+        "mtp_loss",
+        "mtp_targets",
+        "next_token_ce",
+        "rho1_excess",
+        "rho1_weights",
+        "uniform_weights",
+        "value_targets",
+        "weight_stats",
+    ),
+    "wmtp_model": (
+        "MTPModel",
+        "Tokenizer",
+        "byte_tokenizer",
+        "init_mtp_model",
+        "load_model",
+        "load_tokenizer",
+        "same_tokenizer",
+        "save_model",
+    ),
+    "wmtp_decode": ("greedy_decode", "greedy_decode_batch"),
+    "wmtp_eval": ("evaluate", "generate", "pass_at_k"),
+    "wmtp_sandbox": ("check_program",),
+}
+_HOME = {name: module for module, names in EXPORTS.items() for name in names}
 
-__all__ = [
-    "Config",
-    "ConfigError",
-    "load_config",
-    "parse_config",
-    "Example",
-    "ValueHead",
-    "collate",
-    "critic_weights",
-    "encode",
-    "iter_dataset",
-    "mtp_loss",
-    "mtp_targets",
-    "next_token_ce",
-    "rho1_excess",
-    "rho1_weights",
-    "uniform_weights",
-    "value_targets",
-    "weight_stats",
-    "MTPModel",
-    "Tokenizer",
-    "byte_tokenizer",
-    "init_mtp_model",
-    "load_model",
-    "load_tokenizer",
-    "same_tokenizer",
-    "save_model",
-    "check_program",
-    "evaluate",
-    "generate",
-    "greedy_decode",
-    "greedy_decode_batch",
-    "pass_at_k",
-]
+__all__ = ["Config", "ConfigError", "load_config", "parse_config", *_HOME]
+
+
+def __getattr__(name: str) -> Any:
+    """`wmtp.mtp_loss` and friends, imported from their module on first use."""
+    if name not in _HOME:
+        raise AttributeError(f"module 'wmtp' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_HOME[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOME))

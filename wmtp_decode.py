@@ -11,12 +11,21 @@ tokens. The tokens are exactly plain greedy decoding's; only the number of forwa
 Batches are left-padded; a row that accepts fewer proposals than the batch's longest keeps its
 rejected slots in the cache, masked out by the attention mask, and every row has its own
 position ids, so each row decodes as it would alone.
+
+`compile=True` decodes over a static cache instead (`StaticKV`: preallocated, fixed shapes, each
+row's token at position p in slot p) with the per-token / per-draft-verify forward (`decode_step`)
+captured by `torch.compile(mode="reduce-overhead")`, i.e. CUDA graphs on a GPU, as gpt-fast does;
+the prefill stays eager. The same tokens as the eager path; the first call at a new shape compiles.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers import DynamicCache
+
+CACHE_ROUND = 256  # static cache lengths are rounded up to this: fewer shapes, fewer compiles
 
 
 def greedy_decode(
@@ -27,13 +36,19 @@ def greedy_decode(
     speculative: bool = False,
     eos_id: int | None = None,
     stats: dict | None = None,
+    compile: bool = False,
 ) -> tuple[list[int], int]:
     """New token ids (through eos_id, at most max_new_tokens) and the forwards made, prefill included.
 
-    A dict passed as `stats` receives `greedy_decode_batch`'s statistics.
+    A dict passed as `stats` receives `greedy_decode_batch`'s statistics; `compile` as there.
     """
     outs, batch_stats = greedy_decode_batch(
-        model, [prompt_ids], max_new_tokens, speculative=speculative, eos_id=eos_id
+        model,
+        [prompt_ids],
+        max_new_tokens,
+        speculative=speculative,
+        eos_id=eos_id,
+        compile=compile,
     )
     if stats is not None:
         stats.update(batch_stats)
@@ -48,6 +63,7 @@ def greedy_decode_batch(
     *,
     speculative: bool = False,
     eos_id: int | None = None,
+    compile: bool = False,
 ) -> tuple[list[list[int]], dict]:
     """Each prompt's greedy continuation (as `greedy_decode`) and the decoding statistics.
 
@@ -56,8 +72,13 @@ def greedy_decode_batch(
     row_forwards), and for heads 1..H-1 the `proposed` / `accepted` counts of their drafts that
     head 0 verified / accepted and `head_acceptance`, their ratio (head k's draft counts as
     accepted only when heads 1..k-1's were too). Pad slots are masked, so no pad id is needed.
+
+    compile=True runs `static_decode` with `compiled_step()`: the same tokens and statistics over
+    a static cache, every forward after the prefill compiled (finished rows stay in the batch).
     """
     _check_prompts(model, prompts, max_new_tokens)
+    if compile:
+        return static_decode(model, prompts, max_new_tokens, speculative, eos_id, compiled_step())
     n_heads = model.n_heads if speculative else 1
     device = model.lm_head.weight.device
     width = max(map(len, prompts))
@@ -124,8 +145,13 @@ def greedy_decode_batch(
         position_ids = next_pos + torch.arange(n_draft + 1, device=device)
         mask = torch.cat([keep, torch.ones_like(ids, dtype=torch.bool)], 1)
         prefill = False
+    return outs, decode_stats(outs, forwards, row_forwards, proposed, accepted)
+
+
+def decode_stats(outs, forwards: int, row_forwards: int, proposed: list, accepted: list) -> dict:
+    """The statistics dict `greedy_decode_batch` returns."""
     tokens = sum(map(len, outs))
-    return outs, {
+    return {
         "forwards": forwards,
         "row_forwards": row_forwards,
         "tokens": tokens,
@@ -134,6 +160,134 @@ def greedy_decode_batch(
         "accepted": accepted,
         "head_acceptance": [a / max(p, 1) for a, p in zip(accepted, proposed)],
     }
+
+
+class StaticKV:
+    """Preallocated keys and values, [B, n_kv_heads, max_len, head_dim] for each trunk and head block.
+
+    A row's token at position p is stored in slot p (`update` scatters at `self.pos`, the fed
+    tokens' positions, set before each forward), so the attention mask is causality by position
+    alone: rejected drafts are overwritten by the next feed, nothing is cropped or reset, and a
+    row may accept more drafts than another. (transformers' StaticCache keeps one write offset
+    for the whole batch, so such rows would leave masked holes and need a longer cache.)
+    """
+
+    def __init__(self, shape: tuple, n_layers: int, dtype: torch.dtype, device: torch.device):
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.max_len = shape[2]
+        self.pos = torch.zeros(shape[0], 1, dtype=torch.long, device=device)
+        for t in self.keys + self.values:  # CUDA graphs replay on these very buffers
+            torch._dynamo.mark_static_address(t)
+
+    def update(self, key, value, layer_idx: int, *args, **kwargs):
+        """Write the fed tokens' keys and values [B,h,S,d] at their positions; all slots back."""
+        where = self.pos[:, None, :, None].expand_as(key)
+        self.keys[layer_idx].scatter_(2, where, key)
+        self.values[layer_idx].scatter_(2, where, value)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+LAST_CACHE: dict = {}  # the last StaticKV by its shapes: reused, so CUDA graphs are not re-recorded
+
+
+def static_cache(model, batch: int, max_len: int, n_layers: int) -> StaticKV:
+    """A StaticKV for `n_layers` blocks of `model`, the previous call's one if the shapes match."""
+    cfg, w = model.config, model.lm_head.weight
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    shape = (batch, cfg.num_key_value_heads, max_len, head_dim)
+    key = (shape, n_layers, w.dtype, w.device)
+    if key not in LAST_CACHE:
+        LAST_CACHE.clear()  # free the old one first
+        LAST_CACHE[key] = StaticKV(shape, n_layers, w.dtype, w.device)
+    return LAST_CACHE[key]
+
+
+def decode_step(model, cache: StaticKV, ids, pos, n_heads: int, at=None):
+    """One forward of ids [B,S] at positions pos [B,S] over `cache`: the next feed [B,n_heads]
+    (head 0's next token, then heads 1..n_heads-1's drafts after it), its positions, and `at` [B].
+
+    at=None verifies: ids are [token, drafts], head 0 at j checks the draft at j+1 and `at` is
+    the number accepted; otherwise (the prefill) `at` is the index each row continues from.
+    """
+    cache.pos = pos
+    slots = torch.arange(cache.max_len, device=ids.device)
+    mask = (slots <= pos[..., None])[:, None]  # [B,1,S,L]; a row's slots above pos are stale
+    hidden, ctx = model.run_trunk(ids, mask, cache=cache, position_ids=pos)
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    z0 = model.run_head(0, hidden, ctx)
+    if at is None:
+        greedy = model.lm_head(z0).argmax(-1)
+        at = (greedy[:, :-1] == ids[:, 1:]).long().cumprod(1).sum(1)
+        nxt = greedy[rows, at]
+    else:
+        nxt = model.lm_head(z0[rows, at]).argmax(-1)
+    drafts = [
+        model.lm_head(model.run_head(k, hidden, ctx)[rows, at]).argmax(-1)
+        for k in range(1, n_heads)
+    ]
+    # a finished row keeps decoding (fixed shapes) with unused outputs: keep it inside the cache
+    nxt_pos = pos[rows, at][:, None] + 1 + torch.arange(n_heads, device=ids.device)
+    return torch.stack([nxt, *drafts], 1), nxt_pos.clamp(max=cache.max_len - 1), at
+
+
+@functools.cache
+def compiled_step():
+    """`decode_step` through torch.compile, CUDA graphs on a GPU ("reduce-overhead"), one graph
+    per shape (dynamic=False: each batch size, cache length and feed width compiles once)."""
+    return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+
+@torch.no_grad()
+def static_decode(
+    model, prompts: list[list[int]], max_new_tokens: int, speculative: bool, eos_id, step
+) -> tuple[list[list[int]], dict]:
+    """`greedy_decode_batch` over a StaticKV; `step` (decode_step or compiled_step()) makes every
+    forward after the eager prefill. Every forward feeds all H-1 drafts (a fixed shape); only
+    those the eager path feeds count in the statistics, and tokens past max_new_tokens are cut."""
+    n_heads = model.n_heads if speculative else 1
+    device = model.lm_head.weight.device
+    outs: list[list[int]] = [[] for _ in prompts]
+    proposed, accepted = [0] * (n_heads - 1), [0] * (n_heads - 1)
+    if not max_new_tokens:
+        return outs, decode_stats(outs, 0, 0, proposed, accepted)
+    width = max(map(len, prompts))
+    # a live row feeds at most positions width + max_new_tokens - 2 + n_heads
+    max_len = -(-(width + max_new_tokens + n_heads) // CACHE_ROUND) * CACHE_ROUND
+    cache = static_cache(model, len(prompts), max_len, len(model.layers) + n_heads)
+    # right padding: the pads' slots lie above the prompt, masked until decoding overwrites them
+    ids = torch.tensor([list(p) + [0] * (width - len(p)) for p in prompts], device=device)
+    pos = torch.arange(width, device=device).expand(len(prompts), -1)
+    last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    ids, pos, n_ok = decode_step(model, cache, ids, pos, n_heads, last)
+    forwards, row_forwards = 1, len(prompts)
+    live, fed, n_draft = list(range(len(prompts))), None, 0
+    while True:
+        got = torch.cat([ids, n_ok[:, None]], 1).tolist()  # the one host sync per forward
+        for k in range(1, n_draft + 1):
+            proposed[k - 1] += len(live)
+            accepted[k - 1] += sum(min(got[i][-1], n_draft) >= k for i in live)
+        live = [
+            i
+            for i in live
+            if _emit(
+                outs[i],
+                (fed[i][1 : 1 + got[i][-1]] if fed else []) + got[i][:1],
+                max_new_tokens,
+                eos_id,
+            )
+        ]
+        if not live:
+            break
+        room = max(max_new_tokens - len(outs[i]) for i in live)
+        n_draft = min(n_heads - 1, room - 1)  # what the eager path would feed
+        fed = [g[:-1] for g in got]
+        torch.compiler.cudagraph_mark_step_begin()
+        # clones: a CUDA graph's outputs are overwritten by its next replay
+        ids, pos, n_ok = (t.clone() for t in step(model, cache, ids, pos, n_heads))
+        forwards += 1
+        row_forwards += len(live)
+    return outs, decode_stats(outs, forwards, row_forwards, proposed, accepted)
 
 
 def _emit(out: list[int], new: list[int], max_new_tokens: int, eos_id: int | None) -> bool:

@@ -1,5 +1,5 @@
 """MLflow pyfunc models of what the trainers write, logged from this file (models-from-code: no
-pickled objects) with the kit's modules as their code (wmtp_train.log_pyfunc).
+pickled objects) with the kit's modules as their code (wmtp_runs.log_pyfunc).
 `mlflow.pyfunc.load_model("models:/<name>/<version>")` loads either; model_config["pyfunc"] says which.
 
 - value_head (train_critic.py): artifacts {"value_head": the .safetensors file}, a copy inside the
@@ -20,7 +20,7 @@ class ValueHeadModel(PythonModel):
 
     def load_context(self, context) -> None:
         import io_stream
-        from wmtp_data import ValueHead
+        from wmtp_loss import ValueHead
 
         state = io_stream.read_safetensors(context.artifacts["value_head"])
         self.head = ValueHead(state["fc1.weight"].shape[1])

@@ -1,229 +1,238 @@
-"""Self-speculative vs plain greedy decoding on CPU, batch 1, same KV cache (wmtp_decode).
+"""Greedy decoding, eager vs compiled (static KV cache, CUDA graphs), plain vs speculative, against
+transformers' generate, side by side in one run.
 
-(a) The tests' corpus model (dim 64, 2 trunk + 4 head blocks, byte vocabulary) trained here with
-`mtp_loss` on a repeated fixed text until its heads predict it, decoding prompts from that text;
-and the same with a deeper trunk (`--deep-trunk`, 12 blocks: heads are a smaller share of a forward,
-as in 7B_1T_4's 28 + 4). (b) The default trained model: config.yaml's `model:` shape trained by
-`train_mtp.py` with the shipped defaults (100 steps on HumanEval) in a temp dir, or `--model PATH`
-(e.g. runs/checkpoints/<run>/final), decoding MBPP test prompts from ../shared. Plain and
-speculative decoding of all prompts alternate round by round; the speedup is the median over
-rounds of plain seconds / speculative seconds, by the wall clock and by this process's CPU time
-(which a machine shared with other jobs does not inflate; with --threads 1 it is what the wall
-clock shows on an idle machine). The CPU cost of one forward, plain (1 token, trunk + head 0) vs
-speculative (H tokens, trunk + H heads), says how far CPU can go: speedup ~ tokens per forward
-/ (speculative forward / plain forward).
+Variants, each decoding the same prompt of a random model (wmtp_decode; greedy, batch `--batch`):
+- eager plain: `greedy_decode` (head 0, DynamicCache), the default
+- compiled plain: `greedy_decode(..., compile=True)` (StaticKV, `torch.compile(mode=
+  "reduce-overhead")`: CUDA graphs on a GPU)
+- eager / compiled speculative: the same with `speculative=True` (a forward feeds a token and the
+  H-1 drafts, runs trunk + all H heads)
+- generate: transformers' `generate` on the LlamaForCausalLM view of the model (wmtp_eval.causal_lm)
 
-    python bench/bench_decode.py [--threads 1 --new-tokens 64 --prompts 8 --rounds 5 --model PATH]
+ms/token is the decoding time per new token with the prefill taken out: (t[N] - t[1]) / (N - 1),
+t[n] the wall time of decoding n tokens (medians of `--rounds` interleaved rounds). ms/forward is
+the same per forward. A random model's heads rarely agree with head 0 (about 1 token per forward),
+so the speculative rows measure what a forward costs; "projected" divides the compiled
+speculative forward by `--tokens-per-forward` (Meta's 4-head models: about 3 on code). Compile
+time: the first compiled decode's time minus a warm one's. The bandwidth limit: the bytes a plain
+token reads (trunk, head 0, norm, unembedding, K/V) over the copy bandwidth measured here.
+
+    python bench/bench_decode.py --device cpu --dim 256           # CPU, fp32, a small model
+    python bench/bench_decode.py                                   # CUDA: 7B_1T_4 shapes, bf16
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from transformers import DynamicCache  # noqa: E402
+import transformers  # noqa: E402
 
-import wmtp  # noqa: E402
-from wmtp_data import prompt_ids  # noqa: E402
-from wmtp_decode import greedy_decode  # noqa: E402
+from wmtp_decode import greedy_decode_batch  # noqa: E402
+from wmtp_eval import causal_lm  # noqa: E402
+from wmtp_model import MTPModel, ffn_width, llama_config  # noqa: E402
 
-CORPUS = "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n"  # as tests/test_decode.py
+VARIANTS = ["eager plain", "compiled plain", "eager spec", "compiled spec", "generate"]
 
 
-def corpus_model(steps: int, seq: int, n_prompts: int, new_tokens: int, n_trunk: int = 2):
-    """The tests' corpus model (n_trunk trunk blocks) trained on windows of `seq` tokens, and
-    prompts from the corpus."""
-    tok = wmtp.byte_tokenizer()
-    text = torch.tensor(tok.encode(CORPUS * (seq // len(CORPUS) + 2)))
-    model = wmtp.init_mtp_model(
-        vocab_size=tok.vocab_size,
-        dim=64,
-        n_layers=n_trunk + 4,
-        n_heads=4,
-        n_attn_heads=4,
-        n_kv_heads=2,
-        ffn_dim=128,
-        seed=0,
+def build_model(args, device: torch.device, dtype: torch.dtype) -> MTPModel:
+    """A random MTPModel (init_mtp_model's init) built on `device` directly (a 7B model built on
+    the host first would need ~27 GB of host memory)."""
+    config = llama_config(
+        vocab_size=args.vocab,
+        dim=args.dim,
+        n_blocks=args.layers - args.heads + 1,
+        n_attn_heads=args.attn_heads,
+        n_kv_heads=args.kv_heads,
+        ffn_dim=ffn_width(args.dim),
+        max_seq_len=4096,
+        rope_theta=10000.0,
+        norm_eps=1e-5,
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        starts = torch.randint(0, len(CORPUS), (8,), generator=g).tolist()
-        x = torch.stack([text[s : s + seq] for s in starts])
-        labels = wmtp.mtp_targets(x, torch.ones_like(x, dtype=torch.bool), 4)
-        loss, _ = wmtp.mtp_loss(model, x, labels, checkpoint_heads=False)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    prompt_len = seq - new_tokens  # stay inside the trained positions
-    step = len(CORPUS) // n_prompts
-    prompts = [text[i * step : i * step + prompt_len].tolist() for i in range(n_prompts)]
-    return model.eval(), prompts, f"loss {loss.item():.3f} after {steps} steps"
+    generator = torch.Generator(device).manual_seed(0)
+    with torch.device(device):
+        model = MTPModel(config, args.heads)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, config.initializer_range, generator=generator)
+            p.data = p.data.to(dtype)  # parameters only: the rotary inv_freq stays float32
+    return model.eval()
 
 
-def default_model(path: str | None, n_prompts: int, data: str):
-    """The default trained model (train_mtp.py defaults in a temp dir unless `path`) and MBPP prompts."""
-    tmp = None
-    if path is None:
-        tmp = tempfile.TemporaryDirectory()
-        cmd = [sys.executable, os.path.join(ROOT, "train_mtp.py"), "--config"]
-        cmd += [os.path.join(ROOT, "config.yaml"), "--set", "train.run_name=bench-decode"]
-        subprocess.run(cmd, cwd=tmp.name, check=True, capture_output=True)
-        path = glob.glob(os.path.join(tmp.name, "runs", "checkpoints", "*", "final"))[0]
-        how = "trained here by train_mtp.py with config.yaml's defaults (100 steps, HumanEval)"
-    else:
-        how = f"loaded from {path}"
-    model = wmtp.load_model(path, dtype=torch.float32).eval()
-    tok = wmtp.load_tokenizer(path)
-    examples = list(wmtp.iter_dataset(data, "test"))[:n_prompts]
-    prompts = [prompt_ids(tok, ex.prompt, 256) for ex in examples]
-    if tmp is not None:
-        tmp.cleanup()
-    return model, prompts, how
+def sync(device: torch.device) -> None:
+    """Wait for the device (timings end on it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
-def run(model, prompts, new_tokens: int, speculative: bool) -> tuple[list, dict, float, float]:
-    """Decode each prompt alone; outputs, summed statistics, wall and CPU seconds."""
-    drafts = [0] * (model.n_heads - 1)
-    outs, total = [], {"forwards": 0, "tokens": 0, "proposed": drafts, "accepted": list(drafts)}
-    wall, cpu = time.perf_counter(), time.process_time()
-    for p in prompts:
-        stats = {}
-        outs.append(greedy_decode(model, p, new_tokens, speculative=speculative, stats=stats)[0])
-        total["forwards"] += stats["forwards"]
-        total["tokens"] += stats["tokens"]
-        for k, (a, n) in enumerate(zip(stats["accepted"], stats["proposed"])):
-            total["accepted"][k] += a
-            total["proposed"][k] += n
-    return outs, total, time.perf_counter() - wall, time.process_time() - cpu
-
-
-@torch.no_grad()
-def step_ms(model, cache_len: int, reps: int) -> dict[tuple[int, int], float]:
-    """Median CPU ms of a decoding forward over a cache_len-token cache, by (tokens fed, heads run).
-
-    The four kinds (1 or H tokens; head 0 only or all H heads) take turns.
-    """
-    H = model.n_heads
-    kinds = [(1, 1), (H, 1), (1, H), (H, H)]
-    ids = torch.randint(0, model.config.vocab_size, (1, cache_len + H))
-    pos = torch.arange(cache_len, cache_len + H).unsqueeze(0)
-    caches = {}
-    for kind in kinds:
-        caches[kind] = DynamicCache()
-        hidden, ctx = model.run_trunk(ids[:, :cache_len], cache=caches[kind])
-        for k in range(kind[1]):
-            model.run_head(k, hidden, ctx)
-    times = {kind: [] for kind in kinds}
-    for _ in range(reps):
-        for n_fed, n_heads in kinds:
-            t0 = time.process_time()
-            hidden, ctx = model.run_trunk(
-                ids[:, cache_len : cache_len + n_fed],
-                cache=caches[n_fed, n_heads],
-                position_ids=pos[:, :n_fed],
+def decode(variant: str, model, lm, prompts: list[list[int]], n: int) -> tuple[list, int, float]:
+    """New tokens, forwards and wall seconds of one variant decoding n tokens per prompt."""
+    device = model.lm_head.weight.device
+    sync(device)
+    t0 = time.perf_counter()
+    if variant == "generate":
+        ids = torch.tensor(prompts, device=device)
+        with torch.no_grad():
+            out = lm.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
             )
-            model.lm_head(model.run_head(0, hidden, ctx)).argmax(-1)
-            for k in range(1, n_heads):
-                model.lm_head(model.run_head(k, hidden, ctx)[:, -1]).argmax(-1)
-            times[n_fed, n_heads].append(time.process_time() - t0)
-            caches[n_fed, n_heads].crop(-n_fed)
-    return {kind: 1e3 * statistics.median(t) for kind, t in times.items()}
-
-
-def report(name: str, model, prompts, new_tokens: int, rounds: int) -> None:
-    """Print plain vs speculative: tokens per forward, tokens/s, speedup, identical text, step cost."""
-    outs, stats = {}, {}
-    secs = {(spec, clock): [] for spec in (False, True) for clock in ("wall", "cpu")}
-    for r in range(rounds):
-        for speculative in (r % 2 == 0, r % 2 == 1):
-            outs[speculative], stats[speculative], wall, cpu = run(
-                model, prompts, new_tokens, speculative
-            )
-            secs[speculative, "wall"].append(wall)
-            secs[speculative, "cpu"].append(cpu)
-    H = model.n_heads
-    cache_len = sum(map(len, prompts)) // len(prompts) + new_tokens // 2
-    ms = step_ms(model, cache_len, 30)
-    spec = stats[True]
-    tpf = spec["tokens"] / spec["forwards"]
-    acc = [a / max(n, 1) for a, n in zip(spec["accepted"], spec["proposed"])]
-    print(f"\n{name}: {len(prompts)} prompts x {new_tokens} new tokens, {rounds} rounds")
-    print(f"{'':12} {'tok/fwd':>8} {'tok/s wall':>11} {'tok/s CPU':>10}")
-    for label, sp in (("plain", False), ("speculative", True)):
-        n = stats[sp]["tokens"] * rounds
-        print(
-            f"{label:12} {stats[sp]['tokens'] / stats[sp]['forwards']:8.2f}"
-            f" {n / sum(secs[sp, 'wall']):11.0f} {n / sum(secs[sp, 'cpu']):10.0f}"
-        )
-    for clock in ("wall", "cpu"):
-        ratios = [a / b for a, b in zip(secs[False, clock], secs[True, clock])]
-        print(
-            f"speedup ({clock}) x{statistics.median(ratios):.2f}"
-            f" (median of {rounds} rounds; min {min(ratios):.2f}, max {max(ratios):.2f})"
-        )
-    print(
-        f"identical text: {outs[True] == outs[False]}"
-        f"; head 1..{H - 1} acceptance: {', '.join(f'{a:.2f}' for a in acc)}"
+        sync(device)
+        return out[:, ids.shape[1] :].tolist(), n, time.perf_counter() - t0
+    outs, stats = greedy_decode_batch(
+        model, prompts, n, speculative="spec" in variant, compile="compiled" in variant
     )
-    cost = ms[H, H] / ms[1, 1]
+    sync(device)
+    return outs, stats["forwards"], time.perf_counter() - t0
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes/s of a large device-to-device copy (read + write counted), best of 5."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    y = torch.empty_like(x)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        y.copy_(x)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def plain_token_bytes(model, context: int, batch: int) -> int:
+    """Bytes one plain decoding step must read: trunk, head 0, norm, unembedding, embedding rows,
+    and the K/V of `context` positions in those blocks."""
+    blocks = list(model.layers) + [model.heads[0]]
+    weights = sum(p.numel() * p.element_size() for b in blocks for p in b.parameters())
+    weights += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    weights += model.norm.weight.numel() * model.norm.weight.element_size()
+    cfg, size = model.config, model.lm_head.weight.element_size()
+    kv = 2 * len(blocks) * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    return weights + batch * (cfg.hidden_size * size + kv * context * size)
+
+
+def measure(args, model, prompts) -> tuple[dict, dict, dict]:
+    """Medians over interleaved rounds of each variant's t[N] and t[1], first-call times, outputs."""
+    lm = causal_lm(model)
+    first, outs, times = {}, {}, {(v, n): [] for v in VARIANTS for n in (1, args.new_tokens)}
+    for v in VARIANTS:  # warm-up: the compiled variants compile here
+        first[v] = decode(v, model, lm, prompts, args.new_tokens)[2]
+        decode(v, model, lm, prompts, 1)
+    forwards = {}
+    for r in range(args.rounds):
+        order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
+        for v in order:
+            for n in (args.new_tokens, 1):
+                out, fwd, secs = decode(v, model, lm, prompts, n)
+                times[v, n].append(secs)
+                forwards[v, n] = fwd
+                if n == args.new_tokens:
+                    outs[v] = out
+    med = {key: statistics.median(t) for key, t in times.items()}
+    return med, first, {"outs": outs, "forwards": forwards}
+
+
+def report(args, model, prompts, device) -> None:
+    """Print the side-by-side table, the ratios, compile times and the projections."""
+    N = args.new_tokens
+    med, first, got = measure(args, model, prompts)
+    outs, fwd = got["outs"], got["forwards"]
+    ms_tok = {v: 1e3 * (med[v, N] - med[v, 1]) / (N - 1) for v in VARIANTS}
+    ms_fwd = {
+        v: 1e3 * (med[v, N] - med[v, 1]) / max(fwd[v, N] - fwd[v, 1], 1) for v in VARIANTS
+    }
+    bw = copy_bandwidth(device)
+    limit_ms = 1e3 * plain_token_bytes(model, args.prompt_len + N // 2, args.batch) / bw
+    base = ms_tok["generate"]
+    print(f"\n{'variant':16} {'ms/token':>9} {'x generate':>11} {'ms/forward':>11} {'tok/fwd':>8}")
+    print(f"{'':16} {'':>9} {'(time)':>11} {'':>11} {'':>8}  first call    same tokens")
+    for v in VARIANTS:
+        tpf = args.batch * (N - 1) / max(fwd[v, N] - fwd[v, 1], 1)
+        same = "yes" if outs[v] == outs["eager plain"] else "NO"
+        print(
+            f"{v:16} {ms_tok[v]:9.2f} {ms_tok[v] / base:11.2f} {ms_fwd[v]:11.2f} {tpf:8.2f}"
+            f"  {first[v]:8.2f} s    {same}"
+        )
+    for mode in ("eager", "compiled"):
+        compile_s = first[f"{mode} plain"] - med[f"{mode} plain", N]
+        ratio = ms_fwd[f"{mode} spec"] / ms_fwd[f"{mode} plain"]
+        line = f"{mode}: speculative forward / plain forward x{ratio:.2f}"
+        if mode == "compiled":
+            spec_c = first["compiled spec"] - med["compiled spec", N]
+            line += f"; compile time plain {compile_s:.1f} s, speculative {spec_c:.1f} s"
+        print(line)
     print(
-        f"CPU ms per forward over a {cache_len}-token cache: plain (1 token, head 0)"
-        f" {ms[1, 1]:.2f}; {H} tokens, head 0 {ms[H, 1]:.2f}; 1 token, {H} heads {ms[1, H]:.2f};"
-        f" speculative ({H} tokens, {H} heads) {ms[H, H]:.2f} = x{cost:.2f} plain;"
-        f" tokens/forward / that = x{tpf / cost:.2f}"
+        f"compiled plain / eager plain (ms/token) x{ms_tok['compiled plain'] / ms_tok['eager plain']:.2f}; "
+        f"compiled spec / eager spec x{ms_tok['compiled spec'] / ms_tok['eager spec']:.2f}"
     )
-
-
-def shape(model) -> str:
-    """dim, blocks and vocabulary of an MTPModel, for the report."""
-    n_trunk, H = len(model.layers), model.n_heads
-    return f"dim {model.config.hidden_size}, {n_trunk}+{H} blocks, vocab {model.config.vocab_size}"
+    print(
+        f"bandwidth limit: {plain_token_bytes(model, args.prompt_len + N // 2, args.batch) / 1e9:.3f}"
+        f" GB per plain token / {bw / 1e9:.1f} GB/s copy bandwidth = {limit_ms:.3f} ms;"
+        f" eager plain x{ms_tok['eager plain'] / limit_ms:.2f} the limit,"
+        f" compiled plain x{ms_tok['compiled plain'] / limit_ms:.2f}"
+    )
+    T = args.tokens_per_forward
+    proj = ms_fwd["compiled spec"] / T
+    print(
+        f"projected at {T:g} tokens per forward: compiled speculative {proj:.2f} ms/token ="
+        f" x{base / proj:.2f} generate's speed, x{ms_tok['compiled plain'] / proj:.2f}"
+        f" compiled plain's"
+    )
 
 
 def main() -> None:
-    """Parse arguments, build both models, print both reports."""
+    """Parse arguments, build the model and prompts, print the table."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--corpus-steps", type=int, default=150)
-    p.add_argument("--deep-steps", type=int, default=250)
-    p.add_argument("--corpus-seq", type=int, default=96, help="training window (tokens)")
-    p.add_argument(
-        "--deep-trunk",
-        type=int,
-        default=12,
-        help="also a corpus model with this many trunk blocks (0: skip)",
-    )
-    p.add_argument("--model", help="a trained model folder; default: train one with train_mtp.py")
-    p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "mbpp"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dim", type=int, default=4096, help="7B_1T_4: 4096")
+    p.add_argument("--layers", type=int, default=32, help="trunk + head blocks (7B_1T_4: 32)")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--attn-heads", type=int, help="default dim / 128 (7B_1T_4: 32)")
+    p.add_argument("--kv-heads", type=int, help="default: as attn heads")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--tokens-per-forward", type=float, default=3.0)
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, CPU, fp32, batch 1")
-    for n_trunk in [2] + [args.deep_trunk] * (args.deep_trunk > 0):
-        steps = args.corpus_steps if n_trunk == 2 else args.deep_steps
-        model, prompts, how = corpus_model(
-            steps, args.corpus_seq, args.prompts, args.new_tokens, n_trunk
-        )
-        name = f"(a) corpus model, {shape(model)} ({how})"
-        report(name, model, prompts, args.new_tokens, args.rounds)
-    model, prompts, how = default_model(args.model, args.prompts, args.data)
-    report(
-        f"(b) default model, {shape(model)} ({how})", model, prompts, args.new_tokens, args.rounds
+    device = torch.device(args.device)
+    args.attn_heads = args.attn_heads or max(args.dim // 128, 1)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    ]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build_model(args, device, dtype)
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, args.vocab, (args.batch, args.prompt_len), generator=g).tolist()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {where},"
+        f" {torch.get_num_threads()} threads, {str(dtype).split('.')[1]}, batch {args.batch}"
     )
+    print(
+        f"model: dim {args.dim}, {args.layers - args.heads} trunk + {args.heads} head blocks,"
+        f" {args.attn_heads} attention heads ({args.kv_heads or args.attn_heads} K/V), vocab"
+        f" {args.vocab}; prompt {args.prompt_len} tokens, {args.new_tokens} new, {args.rounds} rounds"
+    )
+    report(args, model, prompts, device)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from wmtp_data import IGNORE, default_chunk_rows, mtp_loss, mtp_targets  # noqa: E402
+from wmtp_loss import IGNORE, default_chunk_rows, mtp_loss, mtp_targets  # noqa: E402
 from wmtp_model import MTPModel, ffn_width, llama_config  # noqa: E402
 
 # n_layers counts trunk + head blocks for H=4, as Meta's params.json does; H=1 keeps the total

@@ -34,7 +34,7 @@ def setup(args, heads: int):
     """A random fp32 MTP model with zeroed gradients already allocated, a batch and its labels."""
     import torch
 
-    from wmtp_data import mtp_targets
+    from wmtp_loss import mtp_targets
     from wmtp_model import init_mtp_model
 
     torch.set_num_threads(args.threads)
@@ -64,7 +64,7 @@ def naive_step(model, ids, labels) -> float:
 
 def mtp_step(model, ids, labels, weights=None, checkpoint_heads: bool = True) -> float:
     """`mtp_loss` forward + backward."""
-    from wmtp_data import mtp_loss
+    from wmtp_loss import mtp_loss
 
     loss, _ = mtp_loss(model, ids, labels, weights, checkpoint_heads=checkpoint_heads)
     loss.backward()
@@ -86,7 +86,7 @@ def child_time(args) -> dict:
     """Seconds per step: naive vs mtp_loss (tensor and function weights), and the weight math alone."""
     import torch
 
-    from wmtp_data import ValueHead, critic_weights, rho1_excess, rho1_weights, uniform_weights
+    from wmtp_loss import ValueHead, critic_weights, rho1_excess, rho1_weights, uniform_weights
 
     model, ids, labels = setup(args, 4)
     value_head = ValueHead(args.dim)

@@ -79,7 +79,7 @@ def child(what: str, uri: str) -> None:
     from accelerate import init_empty_weights
 
     import io_stream
-    from wmtp_model import MTPModel, meta_names, permute_rotary, load_model
+    from wmtp_model import MTPModel, load_model, meta_names, permute_rotary
 
     fs = io_stream.s3_filesystem()
     fs.ls(uri, refresh=True)  # open the connection pool first: every method starts warm

@@ -6,8 +6,8 @@ Time: one process builds all four setups and runs them in rounds, one optimizer 
 algorithm per round in a rotating order, so that the noise of a shared machine falls on all of them
 alike; each ratio is the median over rounds of (step / baseline's step in the same round), with
 the 25th–75th percentile beside it. Peak RSS: each algorithm in its own subprocess (`ru_maxrss`).
-A step is exactly what train_mtp.py does per optimizer step: targets, the algorithm's weights (via
-the trainer's own weight function), mtp_loss, backward, clip, AdamW. For rho1 the reference
+A step is train_mtp.py's own step functions (provisional_weight, micro_step, reduce_sums,
+optimizer_step): targets, the algorithm's weights, mtp_loss, backward, rescale, clip, AdamW. For rho1 the reference
 model's forward is timed on its own and "(step − ref) / base" is the goal's figure.
 """
 
@@ -27,18 +27,23 @@ ALGOS = ["baseline", "critic", "rho1-weighted", "rho1-tokenskip"]
 
 
 def make_step(algo: str, a: argparse.Namespace) -> Callable[[], tuple[float, float]]:
-    """Build `algo`'s model, optimizer and batch; return a function running one optimizer step and
-    returning (step seconds, reference-forward seconds)."""
+    """Build `algo`'s model, optimizer and batch; return a function running one optimizer step of
+    the trainer's own step functions (train_mtp.micro_step, optimizer_step) and returning
+    (step seconds, reference-forward seconds)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from train_mtp import make_weight_fn
+    import train_mtp
     from wmtp import load_config
-    from wmtp_data import ValueHead, mtp_loss, mtp_targets, next_token_ce
+    from wmtp_dist import make_accelerator
+    from wmtp_loss import ValueHead, next_token_ce
     from wmtp_model import init_mtp_model
+    from wmtp_train import lr_schedule
 
     torch.manual_seed(0)
-    cfg = load_config(os.path.join(ROOT, "config.yaml"), [f"train.algo={algo}"])
+    cfg = load_config(
+        os.path.join(ROOT, "config.yaml"), [f"train.algo={algo}", "critic.value_coef=0"]
+    )
     model = init_mtp_model(
         vocab_size=a.vocab,
         dim=a.dim,
@@ -47,8 +52,11 @@ def make_step(algo: str, a: argparse.Namespace) -> Callable[[], tuple[float, flo
         n_attn_heads=a.dim // 64,
         max_seq_len=a.seq,
     )
+    acc = make_accelerator(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    value_head = ValueHead(a.dim) if algo == "critic" else None
+    model, opt = acc.prepare(model, opt)
+    sched = lr_schedule(opt, "constant", 0, 10**9)
+    value_head = ValueHead(a.dim).requires_grad_(False) if algo == "critic" else None
     ref = None
     if algo.startswith("rho1"):
         rc = LlamaConfig(
@@ -60,25 +68,30 @@ def make_step(algo: str, a: argparse.Namespace) -> Callable[[], tuple[float, flo
             max_position_embeddings=a.seq,
         )
         ref = LlamaForCausalLM(rc).eval().requires_grad_(False)
+    parts = train_mtp.Parts(None, model, opt, sched, ref, None, value_head, None, torch.float32)
     ids = torch.randint(3, a.vocab, (a.batch, a.seq))
-    attn = torch.ones_like(ids)
     loss_mask = torch.ones_like(ids, dtype=torch.bool)
     loss_mask[:, : a.seq // 4] = False  # a prompt
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": loss_mask}
+
+    def reference_forward() -> None:
+        with torch.no_grad():
+            next_token_ce(
+                ref(input_ids=ids, attention_mask=batch["attention_mask"]).logits.float(), ids
+            )
 
     def step() -> tuple[float, float]:
         t0 = time.perf_counter()
-        labels = mtp_targets(ids, loss_mask, 4)
-        ref_ce, ref_s = None, 0.0
-        if ref is not None:
-            with torch.no_grad():
-                ref_ce = next_token_ce(ref(input_ids=ids, attention_mask=attn).logits.float(), ids)
+        ref_s = 0.0
+        if ref is not None:  # timed on its own: micro_step runs it again inside the step
+            reference_forward()
             ref_s = time.perf_counter() - t0
-        weights = make_weight_fn(cfg, labels, ref_ce, value_head, False, {})
-        loss, _ = mtp_loss(model, ids, labels, weights=weights, attention_mask=attn)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+        provisional = train_mtp.provisional_weight(acc, batch, 4)
+        with acc.accumulate(model):
+            micro = train_mtp.micro_step(cfg, acc, parts, batch, provisional)
+            sums = train_mtp.reduce_sums(acc, micro.sums)
+            train_mtp.optimizer_step(cfg, acc, parts, sums, provisional)
         return time.perf_counter() - t0, ref_s
 
     return step

@@ -13,8 +13,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import io_stream  # noqa: E402
 import train_critic  # noqa: E402
-from wmtp_data import ValueHead  # noqa: E402
-from wmtp_train import end_distributed, load_base, make_accelerator, parse_args, setup  # noqa: E402
+from wmtp_cli import parse_args  # noqa: E402
+from wmtp_dist import end_distributed, make_accelerator  # noqa: E402
+from wmtp_loss import ValueHead  # noqa: E402
+from wmtp_train import load_base, setup  # noqa: E402
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fsdp_train import fsdp_cpu_accelerator  # noqa: E402
 from fsdp_worker import DIMS, batch, full  # noqa: E402
 
-from wmtp_data import mtp_loss  # noqa: E402
+from wmtp_loss import mtp_loss  # noqa: E402
 from wmtp_model import init_mtp_model  # noqa: E402
 
 

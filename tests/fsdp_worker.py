@@ -21,9 +21,10 @@ sys.path.insert(0, ROOT)
 from fsdp_train import fsdp_cpu_accelerator  # noqa: E402  (tests/, the script's own folder)
 
 import io_stream  # noqa: E402
-from wmtp_data import mtp_loss, mtp_targets  # noqa: E402
+from wmtp_ckpt import load_train_state, save_train_state  # noqa: E402
+from wmtp_dist import full_model_on_rank0  # noqa: E402
+from wmtp_loss import mtp_loss, mtp_targets  # noqa: E402
 from wmtp_model import byte_tokenizer, init_mtp_model, load_model, save_model  # noqa: E402
-from wmtp_train import full_model_on_rank0, load_train_state, save_train_state  # noqa: E402
 
 DIMS = dict(
     vocab_size=259, dim=32, n_layers=5, n_heads=4, n_attn_heads=2, n_kv_heads=1, max_seq_len=64

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import io_stream
 import wmtp_train
 from wmtp import ConfigError, parse_config
-from wmtp_data import default_chunk_rows, mtp_loss, mtp_targets
+from wmtp_loss import default_chunk_rows, mtp_loss, mtp_targets
 from wmtp_model import init_mtp_model
 
 sys.path.insert(

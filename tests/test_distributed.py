@@ -20,7 +20,8 @@ from test_train import TINY, tiny_model, write_dataset
 
 import io_stream
 from wmtp import load_config
-from wmtp_train import iter_batches, load_train_state
+from wmtp_ckpt import load_train_state
+from wmtp_data import iter_batches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

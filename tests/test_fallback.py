@@ -28,7 +28,7 @@ from tiny_models import write_hf_llama, write_meta_native
 import io_stream
 import migrate
 import train_mtp
-import wmtp_train
+import wmtp_ckpt
 from wmtp import load_config, load_model
 
 ALL = ("GET", "HEAD", "PUT", "POST", "DELETE")
@@ -138,7 +138,7 @@ def test_reads_come_from_the_mirror_when_the_server_is_stopped(own_s3, tmp_path,
     assert used[pth] == f"{mirror}/wmtp-fb/models/meta/consolidated.00.pth"
     assert used[f"{root}/models/hf/model.safetensors"].startswith(str(mirror))
     assert len(later) == len(used) - 1  # the first read's warning came before
-    tags = wmtp_train.fallback_tags()
+    tags = wmtp_ckpt.fallback_tags()
     assert f"{pth} <- {used[pth]}" in tags["s3_fallback_reads"]
 
     # WMTP_S3_FALLBACK does the same; a bucket the mirror lacks is an error naming the cause
@@ -254,7 +254,7 @@ def test_checkpoints_go_to_the_fallback_while_s3_is_down_resume_exactly_and_sync
 
         # --resume auto takes the newest complete checkpoint of both places: the local step_2
         io_stream.configure_s3(proxy["endpoint"], fallback_root=str(mirror), **FAST)
-        assert wmtp_train.find_resume("auto", f"{s3}/ckpt", "cut", "baseline") == local_2
+        assert wmtp_ckpt.find_resume("auto", f"{s3}/ckpt", "cut", "baseline") == local_2
         train_mtp.train(cfg(f"{s3}/ckpt", "cut"), "auto")
     assert losses_by_step(cut["run_id"]) == losses_by_step(full["run_id"])
     assert len(losses_by_step(full["run_id"])) == 3
@@ -264,7 +264,7 @@ def test_checkpoints_go_to_the_fallback_while_s3_is_down_resume_exactly_and_sync
     # S3 down altogether: resume finds the newest checkpoint it can read, the local one
     with fault_proxy(s3_endpoint, "hang", times=10**6, methods=ALL) as dead:
         io_stream.configure_s3(dead["endpoint"], fallback_root=str(mirror), **FAST)
-        assert wmtp_train.find_resume("auto", f"{s3}/ckpt", "cut", "baseline") == local_2
+        assert wmtp_ckpt.find_resume("auto", f"{s3}/ckpt", "cut", "baseline") == local_2
 
     # S3 is back: upload what was written locally, manifest last; twice changes nothing
     args = ["sync-checkpoints", str(local_dir), run_dir, "--endpoint-url", s3_endpoint]

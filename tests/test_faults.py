@@ -6,6 +6,7 @@ Expected bytes come from independent paths: boto3 straight to moto, plain files,
 `safetensors` and `torch.load` on the same bytes.
 """
 
+import argparse
 import contextlib
 import gzip
 import hashlib
@@ -29,6 +30,7 @@ from fault_proxy import fault_proxy
 
 import io_stream
 import wmtp
+import wmtp_cli
 import wmtp_train
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +179,7 @@ def test_trainer_prints_one_line_for_a_broken_dataset_stream(s3, s3_endpoint, bo
     with fault_proxy(s3_endpoint, "drop", after=1000, times=10**6) as px:
         through(px, retries=1)
         with pytest.raises(SystemExit) as code:
-            wmtp_train.run_cli(lambda argv: list(io_stream.iter_records(uri)), [])
+            wmtp_cli.run_cli(lambda argv: list(io_stream.iter_records(uri)), [])
     err = capsys.readouterr().err
     assert code.value.code == 1
     assert err.startswith(f"error: {uri}: ") and err.count("\n") == 1, err
@@ -202,7 +204,7 @@ def test_never_answering_endpoint_fails_in_bounded_attempts(s3, s3_endpoint, bot
 def test_s3_timeouts_and_retries_come_from_the_config(tmp_path):
     cfg_path = os.path.join(ROOT, "config.yaml")
     sets = ["s3.read_timeout=2.5", "s3.connect_timeout=3", "s3.retries=5"]
-    args = wmtp_train.argparse.Namespace(config=cfg_path, set=sets)
+    args = argparse.Namespace(config=cfg_path, set=sets)
     try:
         cfg = wmtp_train.setup(args)
         assert (cfg.s3.read_timeout, cfg.s3.connect_timeout, cfg.s3.retries) == (2.5, 3.0, 5)
@@ -459,7 +461,7 @@ def test_file_size_limit_is_one_line_naming_the_file(tmp_path, capsys):
             io_stream.write_bytes(os.urandom(3 * 2**20), str(target))
         step = str(tmp_path / "step_1")
         with pytest.raises(SystemExit) as code:
-            wmtp_train.run_cli(lambda argv: io_stream.save_ckpt({"w": torch.zeros(2**20)}, step))
+            wmtp_cli.run_cli(lambda argv: io_stream.save_ckpt({"w": torch.zeros(2**20)}, step))
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limit)
         signal.signal(signal.SIGXFSZ, handler)

@@ -13,8 +13,8 @@ import torch
 import io_stream
 import migrate
 import wmtp
+from wmtp_ckpt import config_dict
 from wmtp_model import init_mtp_model, load_model, save_model
-from wmtp_train import config_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))

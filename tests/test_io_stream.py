@@ -96,7 +96,7 @@ def every_dtype_tensors() -> dict[str, torch.Tensor]:
     """One random tensor per dtype io_stream maps, plus awkward shapes and layouts."""
     g = torch.Generator().manual_seed(0)
     out = {}
-    for name, dtype in io_stream.DTYPES.items():
+    for name, dtype in io_stream.dtypes().items():
         if dtype == torch.bool:
             out[name] = torch.randint(0, 2, (3, 5), generator=g).bool()
         else:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from wmtp_data import mtp_loss, mtp_targets, rho1_weights
+from wmtp_loss import mtp_loss, mtp_targets, rho1_weights
 from wmtp_model import init_mtp_model
 
 X = -100

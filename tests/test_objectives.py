@@ -18,9 +18,11 @@ from test_train import TINY, make_config, run_stage2, write_dataset
 import io_stream
 import train_critic
 import wmtp_data
-import wmtp_train
+import wmtp_dist
+import wmtp_loss
 from wmtp import ConfigError, load_config
-from wmtp_data import ValueHead, collate, critic_weights, encode, mtp_loss, rho1_weights
+from wmtp_data import collate, encode
+from wmtp_loss import ValueHead, critic_weights, mtp_loss, rho1_weights
 from wmtp_model import byte_tokenizer, init_mtp_model, load_model, save_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +71,7 @@ def test_issue_case_weights_stay_in_bounds_with_mean_one():
     scores = torch.zeros(1, 100, 1)
     scores[0, 0, 0] = 20.0
     labels = torch.ones(1, 100, 1, dtype=torch.long)
-    w = wmtp_data.soft_weights(
+    w = wmtp_loss.soft_weights(
         scores, labels, temperature=0.7, normalize="tokens", eps=0.05, max_weight=3.0
     )
     assert w[0, 0, 0].item() == pytest.approx(3.0)
@@ -190,14 +192,14 @@ def test_mtp_targets_give_no_label_to_padding_positions():
     ids = torch.tensor([[0, 0, 5, 6, 7]])
     attn = torch.tensor([[0, 0, 1, 1, 1]])
     loss_mask = torch.tensor([[0, 0, 0, 1, 1]], dtype=torch.bool)
-    assert wmtp_data.mtp_targets(ids, loss_mask, 2, attention_mask=attn).tolist() == [
+    assert wmtp_loss.mtp_targets(ids, loss_mask, 2, attention_mask=attn).tolist() == [
         [[X, X], [X, X], [6, 7], [7, X], [X, X]]
     ]
 
 
 def test_value_mask_adds_the_position_before_the_first_loss_token():
     loss_mask = torch.tensor([[0, 0, 1, 1, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
-    assert wmtp_data.value_mask(loss_mask).int().tolist() == [
+    assert wmtp_loss.value_mask(loss_mask).int().tolist() == [
         [0, 1, 1, 1, 0],
         [1, 1, 0, 0, 0],
         [0, 0, 0, 0, 0],
@@ -264,12 +266,12 @@ def test_heldout_batches_score_every_example_once_on_any_world_size(tmp_path):
         CONFIG, [f"paths.datasets={{toy: {data}}}", "data.train=[toy]", "data.heldout_fraction=0.5"]
     )
     tok = byte_tokenizer()
-    held = sorted(ex.completion for ex in wmtp_train.iter_examples(cfg, "heldout"))
+    held = sorted(ex.completion for ex in wmtp_data.iter_examples(cfg, "heldout"))
     assert len(held) > 8 and len(held) % 8  # an incomplete last group on every world size
     for world in (1, 2, 3):
         batches = [
             list(
-                wmtp_train.iter_batches(
+                wmtp_data.iter_batches(
                     cfg,
                     tok,
                     8,
@@ -318,9 +320,9 @@ def test_heldout_loss_and_explained_variance_over_every_heldout_token(tmp_path):
     )
     torch.manual_seed(0)
     model, head = tiny(seed=cfg.train.seed), ValueHead(32)
-    acc = wmtp_train.make_accelerator(cfg)
+    acc = wmtp_dist.make_accelerator(cfg)
     held = train_critic.evaluate(cfg, model, head, byte_tokenizer(), None, acc)
-    G, V = value_reference(model, head, wmtp_train.iter_examples(cfg, "heldout"), 96, 1.0)
+    G, V = value_reference(model, head, wmtp_data.iter_examples(cfg, "heldout"), 96, 1.0)
     assert held["heldout_value_loss"] == pytest.approx(((G - V) ** 2).mean().item(), rel=1e-5)
     ev = 1 - (G - V).var(unbiased=False) / G.var(unbiased=False)
     assert held["heldout_explained_variance"] == pytest.approx(ev.item(), rel=1e-5, abs=1e-6)
@@ -348,7 +350,7 @@ def test_codecontests_heldout_split_keeps_each_problem_whole(tmp_path):
     )
     parts = {}
     for part in ("train", "heldout"):
-        for ex in wmtp_train.iter_examples(cfg, part):
+        for ex in wmtp_data.iter_examples(cfg, part):
             parts.setdefault(ex.id.split("/")[0], set()).add(part)
     assert len(parts) == 30
     assert all(len(p) == 1 for p in parts.values()), parts  # no problem on both sides

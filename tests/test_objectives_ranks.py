@@ -23,9 +23,9 @@ from test_objectives import (
 from test_train import TINY, make_config, run_stage2, write_dataset
 
 import io_stream
-import wmtp_train
+import wmtp_data
 from wmtp import load_config
-from wmtp_data import ValueHead
+from wmtp_loss import ValueHead
 from wmtp_model import load_model
 
 pytestmark = pytest.mark.usefixtures("clean_mlflow")  # conftest: own tracking URI, no run left
@@ -68,7 +68,7 @@ def test_two_rank_critic_stops_together_and_scores_every_heldout_example(tmp_pat
     head = ValueHead(32)
     head.load_state_dict(io_stream.read_safetensors(cfg.paths.value_head))
     G, V = value_reference(
-        tiny(seed=cfg.train.seed), head, wmtp_train.iter_examples(cfg, "heldout"), 96, 0.99
+        tiny(seed=cfg.train.seed), head, wmtp_data.iter_examples(cfg, "heldout"), 96, 0.99
     )
     for x in ranks:
         assert x["heldout_value_loss"] == pytest.approx(((G - V) ** 2).mean().item(), rel=1e-4)

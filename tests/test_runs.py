@@ -24,9 +24,9 @@ from test_train import make_config, write_dataset
 
 import io_stream
 import train_mtp
-import wmtp_train
+import wmtp_runs
 from wmtp import load_config
-from wmtp_train import run_cli as run_trainer
+from wmtp_cli import run_cli as run_trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "config.yaml")
@@ -164,7 +164,7 @@ def test_second_trainer_on_s3_is_refused_and_sigterm_marks_killed(s3, tmp_path, 
 def test_lock_records_holder_and_handles_stale_ones(where, tmp_path, request):
     base = request.getfixturevalue("s3") if where == "s3" else str(tmp_path)
     run_dir = io_stream.join(base, "run")
-    lock_run_dir, release_run_locks = wmtp_train.lock_run_dir, wmtp_train.release_run_locks
+    lock_run_dir, release_run_locks = wmtp_runs.lock_run_dir, wmtp_runs.release_run_locks
     lock = io_stream.join(run_dir, ".lock")
 
     def read_lock() -> dict:  # not through the kit: plain open or boto3
@@ -290,7 +290,7 @@ def first_start(db: str, gate: str) -> None:
     cfg = load_config(CONFIG, [f"mlflow.tracking_uri=sqlite:///{db}"])
     while not os.path.exists(gate):
         time.sleep(0.001)
-    run_id = wmtp_train.mlflow_start(cfg, f"r{os.getpid()}").info.run_id
+    run_id = wmtp_runs.mlflow_start(cfg, f"r{os.getpid()}").info.run_id
     mlflow.end_run()
     with open(f"{gate}.{os.getpid()}.id", "w") as f:
         f.write(run_id)

@@ -14,9 +14,9 @@ import io_stream
 import train_critic
 import train_mtp
 from wmtp import load_config
+from wmtp_cli import run_cli as run_trainer
 from wmtp_model import byte_tokenizer, init_mtp_model, load_tokenizer, save_model
-from wmtp_train import resolve_mlflow_uri
-from wmtp_train import run_cli as run_trainer
+from wmtp_runs import resolve_mlflow_uri
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -17,10 +17,11 @@ import torch
 
 import io_stream
 import train_mtp
+import wmtp_dist
 import wmtp_train
 from wmtp import ConfigError, load_config
+from wmtp_cli import run_cli
 from wmtp_data import iter_dataset
-from wmtp_train import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "config.yaml")
@@ -140,7 +141,7 @@ def test_pkg_paths_work_in_every_function_taking_a_path():
 
 def test_reference_base_is_a_frozen_copy_of_the_base_at_step_0(tiny):
     cfg = load_config(CONFIG, tiny)
-    acc = wmtp_train.make_accelerator(cfg)
+    acc = wmtp_dist.make_accelerator(cfg)
     _, model = wmtp_train.load_base(cfg, acc)
     ref = wmtp_train.load_base_ref(cfg, acc)
     assert not ref.training and not any(p.requires_grad for p in ref.parameters())

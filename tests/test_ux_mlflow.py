@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import train_critic
 import train_mtp
+import wmtp_runs
 import wmtp_train
 from wmtp_model import byte_tokenizer
 
@@ -109,7 +110,7 @@ def test_mlflow_on_s3_from_the_config_endpoint_with_real_models(
     assert not [k for k in keys if k.endswith(".safetensors") and k not in head_model]
     mtp_uri = run2.data.tags["final_model_version"]
     assert mtp_uri.startswith("models:/wmtp_mtp_model/")
-    assert wmtp_train.resolve_mlflow_uri(mtp_uri) == final  # what eval_mtp.py --model reads
+    assert wmtp_runs.resolve_mlflow_uri(mtp_uri) == final  # what eval_mtp.py --model reads
 
     # the registry's own loader: value head rows -> values, against the file by hand
     x = torch.randn(5, 32)

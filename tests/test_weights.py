@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from wmtp_data import (
+from wmtp_loss import (
     ValueHead,
     critic_weights,
     next_token_ce,

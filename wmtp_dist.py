@@ -1,0 +1,151 @@
+"""The accelerator and the distributed helpers: rank-0 messages, shared values, FSDP checks,
+gathering a sharded model. Every function works on one process too (world size 1)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from accelerate.logging import get_logger
+
+from wmtp_cli import LOGGER
+from wmtp_model import MTPModel
+
+if TYPE_CHECKING:
+    from wmtp import Config
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages (rank 0)
+
+
+log = get_logger(LOGGER)  # INFO on rank 0 only; run_cli prints it, --quiet silences it
+
+
+def quiet() -> bool:
+    """--quiet: the kit's logger is set above INFO (then no progress bar either)."""
+    return log.logger.level > logging.INFO
+
+
+# ---------------------------------------------------------------------------------------------
+# The accelerator
+
+
+def make_accelerator(cfg: Config, grad_accum: int = 1):
+    """Accelerator with mixed precision from config (auto = bf16 on GPU, fp32 on CPU). Without a GPU,
+    processes started by torchrun form a gloo group (`accelerate launch --cpu` starts only one)."""
+    from accelerate import Accelerator
+
+    mp = cfg.train.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() else "no"
+    return Accelerator(
+        mixed_precision=mp,
+        gradient_accumulation_steps=grad_accum,
+        cpu=not torch.cuda.is_available(),
+    )
+
+
+def is_fsdp(acc) -> bool:
+    """True for an FSDP run (accelerate launch --config_file fsdp.yaml)."""
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.FSDP
+
+
+def is_sharded(model) -> bool:
+    """True for an FSDP2-sharded model (its checkpoints go through torch.distributed.checkpoint)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def rank0_reads_weights(acc) -> bool:
+    """True when FSDP's cpu_ram_efficient_loading broadcasts rank 0's weights to the other ranks."""
+    return is_fsdp(acc) and bool(acc.state.fsdp_plugin.cpu_ram_efficient_loading)
+
+
+def shard_frozen(acc, model):
+    """FSDP2-shard a frozen model the way accelerate shards the trained one (no optimizer needed)."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    return fsdp2_prepare_model(acc, model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives
+
+
+def rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shared_value(acc, compute: Callable):
+    """compute() on rank 0, the same value on every rank."""
+    if acc.num_processes == 1:
+        return compute()
+    from accelerate.utils import broadcast_object_list
+
+    box = [compute() if acc.is_main_process else None]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def all_reduce_grads(acc, module: torch.nn.Module) -> None:
+    """Average a replicated module's gradients over the ranks (for the small value head)."""
+    if acc.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= acc.num_processes
+
+
+def end_distributed() -> None:
+    """Leave the process group once every rank is done (a process that exits with the group's
+    threads still alive can abort with "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole models
+
+
+def unwrap(model):
+    """The module inside a DistributedDataParallel wrapper (FSDP2 shards in place: nothing to unwrap)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def full_model_on_rank0(model):
+    """The whole model on CPU on rank 0 (gathered from FSDP shards when sharded), None elsewhere."""
+    rank, _ = rank_world()
+    if not is_sharded(model):
+        return unwrap(model) if rank == 0 else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if rank != 0:
+        return None
+    with torch.device("meta"):
+        full = MTPModel(model.config, model.n_heads)
+    full.load_state_dict(sd, assign=True)
+    return full
