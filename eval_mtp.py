@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     import io_stream
     from wmtp import ConfigError
     from wmtp_model import detect_format, load_model, load_tokenizer
-    from wmtp_train import mlflow_connect, mlflow_start, resolve_mlflow_uri, setup
+    from wmtp_runs import mlflow_connect, mlflow_start, resolve_mlflow_uri
+    from wmtp_train import setup
 
     cfg = setup(args)
     e = cfg.eval
@@ -201,7 +202,7 @@ def evaluate_into_run(
 
     import io_stream
     from wmtp_eval import evaluate
-    from wmtp_train import artifact_uri
+    from wmtp_runs import artifact_uri
 
     e = cfg.eval
     mlflow.set_tags({"eval_model": path, "eval_out": out})

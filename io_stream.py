@@ -113,7 +113,7 @@ _s3_settings: dict[str, Any] = {
     "retries": RETRIES,
     "max_concurrency": None,  # None: MAX_IN_FLIGHT
     "block_size": None,  # None: BLOCK_SIZE
-    "fallback_root": None,  # None: WMTP_S3_FALLBACK, else no fallback
+    "fallback_root": None,  # configure_s3: s3.fallback_root, else WMTP_S3_FALLBACK, else none
 }
 _s3_fs: dict[tuple, Any] = {}
 _s3_lock = threading.Lock()
@@ -135,8 +135,6 @@ def configure_s3(
     in seconds and retries (None: CONNECT_TIMEOUT, READ_TIMEOUT, RETRIES), the ranged GETs in
     flight and bytes per GET of large reads (None: MAX_IN_FLIGHT, BLOCK_SIZE), and the local
     mirror that reads fall back to when S3 is down (None: WMTP_S3_FALLBACK, else none)."""
-    if fallback_root and resolve(fallback_root)[0] != "local":
-        raise ValueError(f"s3.fallback_root must be a local folder, not {fallback_root}")
     for name, value in (("max_concurrency", max_concurrency), ("block_size", block_size)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"s3.{name} must be a positive integer, not {value!r}")
@@ -149,7 +147,7 @@ def configure_s3(
         connect_timeout=CONNECT_TIMEOUT if connect_timeout is None else float(connect_timeout),
         read_timeout=READ_TIMEOUT if read_timeout is None else float(read_timeout),
         retries=RETRIES if retries is None else int(retries),
-        fallback_root=fallback_root or None,
+        fallback_root=pick_fallback_root(fallback_root),
     )
     _s3_fs.clear()
     _s3_down.clear()
@@ -330,15 +328,21 @@ _s3_down: dict[str, tuple[float, str]] = {}  # endpoint -> (time.monotonic() it 
 _fallback_reads: dict[str, str] = {}  # s3:// URI -> the local copy read instead
 
 
-def fallback_root() -> str | None:
-    """The local mirror that S3 reads fall back to: s3.fallback_root, else WMTP_S3_FALLBACK."""
-    root = _s3_settings["fallback_root"] or os.environ.get("WMTP_S3_FALLBACK")
+def pick_fallback_root(root: str | None) -> str | None:
+    """The local mirror for S3 reads: `root` (s3.fallback_root), else WMTP_S3_FALLBACK, as an
+    absolute local folder; None for neither. The one place either is read and checked."""
+    root = root or os.environ.get("WMTP_S3_FALLBACK")
     if not root:
         return None
     kind, p = resolve(root)
     if kind != "local":
         raise ValueError(f"s3.fallback_root / WMTP_S3_FALLBACK must be a local folder, not {root}")
     return p
+
+
+def fallback_root() -> str | None:
+    """The local mirror that S3 reads fall back to, as configure_s3 set it (None: no fallback)."""
+    return _s3_settings["fallback_root"]
 
 
 def fallback_path(uri: str, *, writing: bool = False) -> str | None:

@@ -102,6 +102,7 @@ class Parts(NamedTuple):
     value_head: ValueHead | None
     value_opt: torch.optim.Optimizer | None
     stored_dtype: torch.dtype
+    n_heads: int
 
 
 def load_value_head(cfg: Config, dim: int) -> tuple[ValueHead, dict[str, str]]:
@@ -171,9 +172,12 @@ def build(cfg: Config, acc) -> tuple[Parts, dict[str, str]]:
     opt = torch.optim.AdamW(
         model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
     )
+    n_heads = model.n_heads
     model, opt = acc.prepare(model, opt)  # under FSDP2 model and optimizer are sharded together
     sched = lr_schedule(opt, t.schedule, t.warmup_steps, t.max_steps)
-    parts = Parts(tokenizer, model, opt, sched, ref, rm, value_head, value_opt, stored_dtype)
+    parts = Parts(
+        tokenizer, model, opt, sched, ref, rm, value_head, value_opt, stored_dtype, n_heads
+    )
     return parts, tags
 
 
@@ -267,7 +271,7 @@ def micro_step(cfg: Config, acc, parts: Parts, batch: dict, denominator: torch.T
     """Forward, weights and backward of one micro-batch. The loss is Σ w·m·CE / `denominator`
     (the step's Σ w·m as far as it is known, see optimizer_step), so that the gradients of all
     micro-batches and ranks add up to those of one mean over the step's slots."""
-    model, H = parts.model, parts.model.n_heads
+    model, H = parts.model, parts.n_heads
     ids = batch["input_ids"].to(acc.device)
     attn = batch["attention_mask"].to(acc.device)
     loss_mask = batch["loss_mask"].to(acc.device)
@@ -552,7 +556,7 @@ def _train(cfg: Config, resume, stop_after, allow_changes, force_unlock, acceler
             if new_step:
                 sums, provisional = (
                     None,
-                    provisional_weight(acc, batch, parts.model.n_heads) * t.grad_accum,
+                    provisional_weight(acc, batch, parts.n_heads) * t.grad_accum,
                 )
             with acc.accumulate(parts.model):
                 micro = micro_step(cfg, acc, parts, batch, provisional / micro_share)
@@ -576,7 +580,7 @@ def _train(cfg: Config, resume, stop_after, allow_changes, force_unlock, acceler
             if step % t.log_every == 0 or step == t.max_steps:
                 log_window(window, step, parts.sched, speed, bar, main)
             if main and t.plot_every and (step % t.plot_every == 0 or step == t.max_steps):
-                log_head_plots(run["run_id"], step, parts.model.n_heads, hist, top)
+                log_head_plots(run["run_id"], step, parts.n_heads, hist, top)
                 hist = None
             if cfg.eval.every and step % cfg.eval.every == 0:
                 evaluate_now(cfg, acc, parts, step)

@@ -448,14 +448,13 @@ def parse_config(text: str, source: str, overrides: list[str] | tuple[str, ...] 
     cfg.paths.value_head = _expand_path(cfg.paths.value_head)
     cfg.paths.checkpoints = _expand_path(cfg.paths.checkpoints)
     cfg.critic.value_head = _expand_path(cfg.critic.value_head)
-    if cfg.s3.fallback_root is not None:
-        if "://" in cfg.s3.fallback_root and not cfg.s3.fallback_root.startswith("file://"):
-            where = _where("s3.fallback_root", source, overrides)
-            raise ConfigError(f"{where}: not a local folder")
-        cfg.s3.fallback_root = _expand_path(cfg.s3.fallback_root)
-    if cfg.train.checkpoint_fallback and not (
-        cfg.s3.fallback_root or os.environ.get("WMTP_S3_FALLBACK")
-    ):
+    try:  # s3.fallback_root, else WMTP_S3_FALLBACK: checked here once, handed to configure_s3
+        cfg.s3.fallback_root = io_stream.pick_fallback_root(cfg.s3.fallback_root)
+    except (ValueError, FileNotFoundError):
+        where = _where("s3.fallback_root", source, overrides)
+        where = where if cfg.s3.fallback_root else "WMTP_S3_FALLBACK"
+        raise ConfigError(f"{where}: not a local folder") from None
+    if cfg.train.checkpoint_fallback and not cfg.s3.fallback_root:
         raise ConfigError(
             f"{_where('train.checkpoint_fallback', source, overrides)}: needs s3.fallback_root "
             "(or WMTP_S3_FALLBACK), the local folder that checkpoints go to when S3 is down"

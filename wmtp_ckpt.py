@@ -240,16 +240,20 @@ def ckpt_steps(run_dir: str, *, mirror: bool) -> dict[int, list[str]]:
         places.append(local)
     steps: dict[int, list[str]] = {}
     for place in places:
-        try:
-            found = io_stream.list_ckpts(place)
-        except ConnectionError as exc:
-            if local is None:
-                raise
-            print(f"warning: {exc}; looking for checkpoints in {local} only", file=sys.stderr)
-            continue
-        for path in found:
+        for path in listing(io_stream.list_ckpts, place, local, "checkpoints"):
             steps.setdefault(int(path.rsplit("_", 1)[1]), []).append(path)
     return steps
+
+
+def listing(list_fn: Callable[[str], list[str]], place: str, local: str | None, what: str) -> list:
+    """list_fn(place); [] with a warning when S3 is down there and the mirror `local` stands in."""
+    try:
+        return list_fn(place)
+    except ConnectionError as exc:
+        if local is None or place == local:
+            raise
+        print(f"warning: {exc}; looking for {what} in {local} only", file=sys.stderr)
+        return []
 
 
 def fallback_tags() -> dict[str, str]:
@@ -281,13 +285,7 @@ def find_resume(resume: str | None, root: str, run_name: str | None, algo: str) 
         names = [check_run_name(run_name)]
     else:  # timestamped names sort by time
         local = io_stream.fallback_path(root, writing=True)
-        try:
-            names = io_stream.list_dir(root)
-        except ConnectionError as exc:
-            if local is None:
-                raise
-            print(f"warning: {exc}; looking for runs in {local} only", file=sys.stderr)
-            names = []
+        names = listing(io_stream.list_dir, root, local, "runs")
         names += io_stream.list_dir(local) if local else []
         names = [n for n in sorted(set(names), reverse=True) if n.startswith(f"{algo}-")]
     for name in names:

@@ -31,17 +31,7 @@ def setup(args: argparse.Namespace) -> Config:
     if getattr(args, "algo", None):
         overrides.append(f"train.algo={args.algo}")
     cfg = load_config(args.config, overrides)
-    io_stream.configure_s3(
-        cfg.s3.endpoint_url,
-        cfg.s3.region,
-        cfg.s3.profile,
-        max_concurrency=cfg.s3.max_concurrency,
-        block_size=cfg.s3.block_size,
-        connect_timeout=cfg.s3.connect_timeout,
-        read_timeout=cfg.s3.read_timeout,
-        retries=cfg.s3.retries,
-        fallback_root=cfg.s3.fallback_root,
-    )
+    io_stream.configure_s3(**msgspec.structs.asdict(cfg.s3))
     return cfg
 
 

@@ -68,7 +68,7 @@ def make_step(algo: str, a: argparse.Namespace) -> Callable[[], tuple[float, flo
             max_position_embeddings=a.seq,
         )
         ref = LlamaForCausalLM(rc).eval().requires_grad_(False)
-    parts = train_mtp.Parts(None, model, opt, sched, ref, None, value_head, None, torch.float32)
+    parts = train_mtp.Parts(None, model, opt, sched, ref, None, value_head, None, torch.float32, 4)
     ids = torch.randint(3, a.vocab, (a.batch, a.seq))
     loss_mask = torch.ones_like(ids, dtype=torch.bool)
     loss_mask[:, : a.seq // 4] = False  # a prompt

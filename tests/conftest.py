@@ -125,6 +125,6 @@ def clean_mlflow(monkeypatch):
 
     while mlflow.active_run():
         mlflow.end_run()
-    if "wmtp_train" in sys.modules:
-        sys.modules["wmtp_train"].release_run_locks()
+    if "wmtp_runs" in sys.modules:
+        sys.modules["wmtp_runs"].release_run_locks()
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri exports it
