@@ -114,10 +114,10 @@ def greedy_decode_batch(
                 proposed[k - 1] += len(rows)
                 accepted[k - 1] += int((n_ok >= k).sum())
         picked = torch.arange(len(rows), device=device), at
-        drafts = [
-            model.lm_head(model.run_head(k, hidden, ctx)[picked]).argmax(-1)
-            for k in range(1, n_heads)
-        ]
+        drafts = []
+        if n_heads > 1:  # one read of the unembedding for all drafting heads
+            z = [model.run_head(k, hidden, ctx)[picked] for k in range(1, n_heads)]
+            drafts = list(model.lm_head(torch.stack(z, 1)).argmax(-1).unbind(1))
         if not prefill:  # every head has appended its K/V: drop the slots no row accepted
             most = int(n_ok.max())
             cache.crop(most + 1 - n_fed)
@@ -191,11 +191,13 @@ class StaticKV:
 LAST_CACHE: dict = {}  # the last StaticKV by its shapes: reused, so CUDA graphs are not re-recorded
 
 
-def static_cache(model, batch: int, max_len: int, n_layers: int) -> StaticKV:
-    """A StaticKV for `n_layers` blocks of `model`, the previous call's one if the shapes match."""
+def static_cache(model, batch: int, max_len: int) -> StaticKV:
+    """A StaticKV for every block of `model` (plain decoding leaves heads 1..H-1's unused, so both
+    modes share one cache), the previous call's one if the shapes match. LAST_CACHE.clear() frees it."""
     cfg, w = model.config, model.lm_head.weight
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     shape = (batch, cfg.num_key_value_heads, max_len, head_dim)
+    n_layers = len(model.layers) + model.n_heads
     key = (shape, n_layers, w.dtype, w.device)
     if key not in LAST_CACHE:
         LAST_CACHE.clear()  # free the old one first
@@ -203,32 +205,37 @@ def static_cache(model, batch: int, max_len: int, n_layers: int) -> StaticKV:
     return LAST_CACHE[key]
 
 
-def decode_step(model, cache: StaticKV, ids, pos, n_heads: int, at=None):
+def decode_step(model, cache: StaticKV, ids, pos, n_heads: int, at=None, one_read=None):
     """One forward of ids [B,S] at positions pos [B,S] over `cache`: the next feed [B,n_heads]
     (head 0's next token, then heads 1..n_heads-1's drafts after it), its positions, and `at` [B].
 
     at=None verifies: ids are [token, drafts], head 0 at j checks the draft at j+1 and `at` is
     the number accepted; otherwise (the prefill) `at` is the index each row continues from.
+    one_read (default: on a GPU) unembeds every head at every fed token in one matmul, one read of
+    the unembedding where decoding is bandwidth-bound; else head 0's S rows, then the drafts' H-1.
     """
     cache.pos = pos
     slots = torch.arange(cache.max_len, device=ids.device)
     mask = (slots <= pos[..., None])[:, None]  # [B,1,S,L]; a row's slots above pos are stale
     hidden, ctx = model.run_trunk(ids, mask, cache=cache, position_ids=pos)
     rows = torch.arange(ids.shape[0], device=ids.device)
-    z0 = model.run_head(0, hidden, ctx)
-    if at is None:
-        greedy = model.lm_head(z0).argmax(-1)
-        at = (greedy[:, :-1] == ids[:, 1:]).long().cumprod(1).sum(1)
-        nxt = greedy[rows, at]
+    z = [model.run_head(k, hidden, ctx) for k in range(n_heads)]
+    if at is not None:  # the prefill: every head at the prompt's last token
+        nxt = model.lm_head(torch.stack([zk[rows, at] for zk in z], 1)).argmax(-1)
+    elif ids.is_cuda if one_read is None else one_read:
+        guess = model.lm_head(torch.stack(z, 2)).argmax(-1)  # [B,S,H]
+        at = (guess[:, :-1, 0] == ids[:, 1:]).long().cumprod(1).sum(1)
+        nxt = guess[rows, at]
     else:
-        nxt = model.lm_head(z0[rows, at]).argmax(-1)
-    drafts = [
-        model.lm_head(model.run_head(k, hidden, ctx)[rows, at]).argmax(-1)
-        for k in range(1, n_heads)
-    ]
+        greedy = model.lm_head(z[0]).argmax(-1)
+        at = (greedy[:, :-1] == ids[:, 1:]).long().cumprod(1).sum(1)
+        nxt = greedy[rows, at][:, None]
+        if n_heads > 1:
+            drafts = model.lm_head(torch.stack([zk[rows, at] for zk in z[1:]], 1)).argmax(-1)
+            nxt = torch.cat([nxt, drafts], 1)
     # a finished row keeps decoding (fixed shapes) with unused outputs: keep it inside the cache
     nxt_pos = pos[rows, at][:, None] + 1 + torch.arange(n_heads, device=ids.device)
-    return torch.stack([nxt, *drafts], 1), nxt_pos.clamp(max=cache.max_len - 1), at
+    return nxt, nxt_pos.clamp(max=cache.max_len - 1), at
 
 
 @functools.cache
@@ -252,9 +259,9 @@ def static_decode(
     if not max_new_tokens:
         return outs, decode_stats(outs, 0, 0, proposed, accepted)
     width = max(map(len, prompts))
-    # a live row feeds at most positions width + max_new_tokens - 2 + n_heads
-    max_len = -(-(width + max_new_tokens + n_heads) // CACHE_ROUND) * CACHE_ROUND
-    cache = static_cache(model, len(prompts), max_len, len(model.layers) + n_heads)
+    # a live row feeds positions below width + max_new_tokens - 1 + n_heads (the same for both modes)
+    max_len = -(-(width + max_new_tokens + model.n_heads) // CACHE_ROUND) * CACHE_ROUND
+    cache = static_cache(model, len(prompts), max_len)
     # right padding: the pads' slots lie above the prompt, masked until decoding overwrites them
     ids = torch.tensor([list(p) + [0] * (width - len(p)) for p in prompts], device=device)
     pos = torch.arange(width, device=device).expand(len(prompts), -1)

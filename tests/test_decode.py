@@ -1,5 +1,7 @@
-"""Greedy and self-speculative decoding, checked against a cache-free argmax loop and a known corpus."""
+"""Greedy and self-speculative decoding, checked against a cache-free argmax loop and a known corpus;
+the static-cache path (compile=True) against the eager one."""
 
+import functools
 import os
 
 import msgspec
@@ -8,7 +10,8 @@ import torch
 from transformers import DynamicCache
 
 import wmtp
-from wmtp_decode import greedy_decode, greedy_decode_batch
+import wmtp_decode
+from wmtp_decode import decode_step, greedy_decode, greedy_decode_batch, static_decode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n"  # 50 bytes, repeated
@@ -208,3 +211,93 @@ def test_generate_speculative_equals_transformers_generate(corpus_model):
     assert stats["tokens_per_forward"] > 2.0 and len(stats["head_acceptance"]) == 3
     with pytest.raises(ValueError, match="greedy"):
         wmtp.generate(model, tok, prompts, temperature=0.5, speculative=True)
+
+
+# The static cache and the compiled forward (compile=True): the same tokens and statistics as the
+# eager path. The static path runs eagerly first (cheap, every case), then compiled (one compile
+# per model and shape: ~5 s each on CPU, fewer with inductor's on-disk cache warm).
+
+
+@pytest.fixture
+def no_eager_fallback():
+    """Fail rather than quietly run eagerly once dynamo's recompile limit is reached."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
+    torch._dynamo.reset()
+
+
+CASES = [  # (n_heads, prompts, max_new_tokens, eos_id)
+    (1, [[3, 1, 4, 1, 5, 9, 2, 6]], 40, None),
+    (2, [[3, 1, 4, 1, 5, 9, 2, 6]], 40, None),
+    (4, [[3, 1, 4, 1, 5, 9, 2, 6]], 40, None),
+    (4, [[5, 2], [1, 2, 3, 4, 5, 6, 7], [11]], 30, None),
+    (4, [[5, 2], [1, 2, 3, 4, 5, 6, 7], [11]], 30, 2),  # rows stop at different steps
+    (4, [[7, 7, 1]], 3, None),  # max_new_tokens inside the first draft
+    (2, [[1] * 300, [2, 3]], 9, 8),  # a prompt longer than one CACHE_ROUND
+]
+
+
+@pytest.mark.parametrize("one_read", [False, True])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_static_cache_path_equals_the_eager_one(case, one_read):
+    n_heads, prompts, n, eos = CASES[case]
+    model = random_model(n_heads, seed=case)
+    step = functools.partial(decode_step, one_read=one_read)
+    for speculative in (False, True):
+        eager = greedy_decode_batch(model, prompts, n, speculative=speculative, eos_id=eos)
+        assert static_decode(model, prompts, n, speculative, eos, step) == eager
+    assert eos is None or len({len(o) for o in eager[0]}) > 1  # eos did stop a row early
+
+
+def test_static_cache_is_reused_and_needs_no_reset():
+    model = random_model(4, seed=3)
+    long, short = [list(range(1, 13)) * 3], [[9, 8]]
+    step = functools.partial(decode_step, one_read=True)
+    first = static_decode(model, long, 20, True, None, step)
+    cache = wmtp_decode.LAST_CACHE.copy()
+    # the short prompt's slots still hold the long one's keys: they are above its positions
+    assert static_decode(model, short, 20, True, None, step) == greedy_decode_batch(
+        model, short, 20, speculative=True
+    )
+    assert wmtp_decode.LAST_CACHE == cache and len(cache) == 1
+    assert static_decode(model, long, 20, True, None, step) == first
+    zero = greedy_decode_batch(model, long, 0, speculative=True)
+    assert static_decode(model, long, 0, True, None, step) == zero
+
+
+def test_static_path_at_the_default_config_shape():
+    m = wmtp.load_config(os.path.join(ROOT, "config.yaml")).model
+    model = wmtp.init_mtp_model(**msgspec.structs.asdict(m))
+    tok = wmtp.byte_tokenizer()
+    prompts = [[tok.bos_id, *tok.encode("def f(x):\n")], [tok.bos_id, *tok.encode("# sort")]]
+    for speculative in (False, True):
+        eager = greedy_decode_batch(model, prompts, 24, speculative=speculative)
+        assert static_decode(model, prompts, 24, speculative, None, decode_step) == eager
+
+
+@pytest.mark.parametrize("n_heads", [1, 2, 4])
+def test_compiled_equals_eager(n_heads, no_eager_fallback):
+    model = random_model(n_heads, seed=n_heads)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    for speculative in (False, True):
+        stats, compiled_stats = {}, {}
+        eager = greedy_decode(model, prompt, 40, speculative=speculative, stats=stats)
+        compiled = greedy_decode(
+            model, prompt, 40, speculative=speculative, stats=compiled_stats, compile=True
+        )
+        assert compiled == eager and compiled_stats == stats
+        assert eager[0] == naive_greedy(model, prompt, 40)
+
+
+def test_compiled_batches_equal_eager(no_eager_fallback):
+    model = random_model(4, seed=7)
+    prompts = [[5, 2], [1, 2, 3, 4, 5, 6, 7], [11]]
+    for speculative in (False, True):
+        for eos in (None, 12):  # eos 12: rows stop at different steps, the batch keeps its shape
+            eager = greedy_decode_batch(model, prompts, 30, speculative=speculative, eos_id=eos)
+            compiled = greedy_decode_batch(
+                model, prompts, 30, speculative=speculative, eos_id=eos, compile=True
+            )
+            assert compiled == eager
+    assert len({len(o) for o in eager[0]}) > 1  # eos 12 did stop rows early
