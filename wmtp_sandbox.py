@@ -1,6 +1,33 @@
 """The sandbox that runs model-written programs: `check_program(program, timeout=...)`.
 
-Stdlib only: the evaluator (wmtp_eval.py) imports it, and so can a notebook.
+Stdlib only: the evaluator (wmtp_eval.py) imports it, and so can a notebook. Run as a script,
+this file is the sandbox server (`python -I -S -B wmtp_sandbox.py CONFIG`).
+
+Isolation (`isolation=`, or `eval.sandbox` in the config):
+
+- "namespaces": every program runs in its own user, PID, mount, network, IPC and UTS
+  namespaces, as uid 65534, with `/` a read-only tmpfs holding only what Python needs (/usr,
+  the interpreter's prefix, site-packages, a few /etc files) bound read-only, a private /proc
+  that shows only its own processes, /dev with null/zero/full/random/urandom, no network, and
+  a fresh size-limited tmpfs at /tmp (its cwd, HOME and TMPDIR), which vanishes with it.
+  Backends: bubblewrap (`bwrap`, apt-get install bubblewrap) or the kernel's unshare(2) called
+  directly ("unshare"). As root the unshare backend goes first: it runs programs as uid 65534
+  outside the namespace too, where bwrap would keep root's uid (and root's write access to
+  the host's /proc/sys, which it then has to cover).
+- "hook": the in-process guard only (wmtp_sandbox_runner.py): an audit hook that refuses
+  process, native-code, network and introspection calls, writes outside a host temp folder
+  and reads outside the interpreter's own files. Not a security boundary (see the README).
+- "auto" (the default): namespaces where this machine allows them, else hook, with a warning
+  once per process; `sandbox_mode()` says which and why. "namespaces" fails loudly instead.
+
+Either way, per program: a fresh `python -I -S -B` (the runner) with an empty environment,
+limits on address space, CPU seconds, file size, processes (none) and core dumps, the audit
+hook, and success only as "ran to its end" (a random sentinel the runner writes afterwards).
+The server, one per worker and started with an empty environment, watches each program from
+outside: at its end or after `timeout` seconds it kills the whole PID namespace (hook mode:
+the process group), reaps every child (it is their subreaper), removes the temp folder
+without recursion, and answers on a socket only it and the evaluator hold, tagged with the
+job's id, so nothing a program does can reach another job's result.
 """
 
 from __future__ import annotations
@@ -8,202 +35,247 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 import select
+import shutil
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 MEMORY_LIMIT = 4 * 2**30  # bytes of address space a checked program may map
 FILE_LIMIT = 16 * 2**20  # bytes a checked program may write to one file
+DISK_LIMIT = 64 * 2**20  # bytes of its tmpfs (namespaces mode)
 OUTPUT_TAIL = 2**16  # bytes of a program's stdout/stderr kept (the rest is read and dropped)
+CLEANUP_ENTRIES = 10**6  # hook mode: files and folders removed from one temp folder at most
+REPLY_GRACE = 60.0  # seconds the server may take past the timeout (kill, reap, remove)
+ISOLATIONS = ("auto", "namespaces", "bwrap", "unshare", "hook")
+NOBODY = 65534
+RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wmtp_sandbox_runner.py")
+
+# The runner's first lines (`python -c`): its job arrives on fd 0 as marshal data, the runner's
+# compiled code and the job; nothing else of the server comes along.
+BOOT = (
+    "import marshal,os\n"
+    "d=b''\n"
+    "while c:=os.read(0,1<<20):d+=c\n"
+    "c,j=marshal.loads(d)\n"
+    "del d\n"
+    "g={'__name__':'wmtp_sandbox_runner'}\n"
+    "exec(marshal.loads(c),g)\n"
+    "g['main'](j)\n"
+)
+PROBE = "import json, math\nassert json.loads('[3]')[0] < math.pi\n"
+
+_CHOSEN: dict[str, tuple[str, bool, str]] = {}  # isolation -> (backend, drop, why), per process
+_WARNED: list[str] = []
+
 
 # ---------------------------------------------------------------------------------------------
-# The sandbox
-#
-# A sandbox server is a `python -I` started with an empty environment in its own session. For
-# every program it forks a supervisor, which starts a session of its own in the program's fresh
-# temp folder and forks the runner: the runner lowers its resource limits, installs an audit
-# hook, runs the program and, only if the program returned, writes a random sentinel. The
-# server kills the supervisor's whole process group when it is done or the time is up, reaps
-# everything, and answers with one line. The program's parent is the supervisor, never the
-# evaluator, and forking from a clean server costs milliseconds where a new interpreter costs
-# tens of them.
-
-_SERVER = r"""
-import ctypes, json, os, resource, select, signal, sys
-
-ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: a job's orphans come back here
+# The evaluator's side
 
 
-def run(job, out_w):
-    # the runner: output to the supervisor's pipe, limits, audit hook, program, sentinel
-    os.dup2(out_w, 1)
-    os.dup2(out_w, 2)
-    os.close(out_w)
-    report, write, leave, home = os.dup(1), os.write, os._exit, os.getcwd()
-    for what, soft, hard in ((resource.RLIMIT_AS, job["memory"], job["memory"]),
-                             (resource.RLIMIT_CPU, job["cpu"], job["cpu"] + 1),
-                             (resource.RLIMIT_FSIZE, job["fsize"], job["fsize"]),
-                             (resource.RLIMIT_NPROC, 0, 0), (resource.RLIMIT_CORE, 0, 0)):
-        resource.setrlimit(what, (soft, hard))
-    BLOCKED = {"os.kill", "os.killpg", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn",
-               "os.exec", "os.system", "subprocess.Popen", "ctypes.dlopen", "resource.setrlimit",
-               "resource.prlimit", "socket.connect", "socket.bind", "socket.sendto",
-               "socket.sendmsg"}
-    CHANGES = {"os.remove", "os.rmdir", "os.rename", "os.mkdir", "os.symlink", "os.link",
-               "os.chmod", "os.chown", "os.truncate", "os.utime", "os.setxattr",
-               "os.removexattr", "shutil.rmtree"}
-    IMPORTS = {"_posixsubprocess", "_ctypes", "_signal", "posix"}  # raw fork/exec, or restoring
-    WRITES = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+def _clean_env(home: str | None = None) -> dict[str, str]:
+    """A sandbox process's whole environment: none of the parent's variables (no AWS_*)."""
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1"}
+    return env | ({"HOME": home, "TMPDIR": home} if home else {})
 
-    def outside(path):
-        real = os.path.realpath(os.fsdecode(path))
-        return not (real in (home, os.devnull) or real.startswith(home + os.sep))
 
-    def guard(event, args):
-        if event in BLOCKED or (event == "import" and args[0] in IMPORTS):
-            raise PermissionError(f"sandbox: {event} {args[0] if args else ''} is not allowed")
-        paths = ()
-        if event == "open" and isinstance(args[0], (str, bytes)) and args[2] & WRITES:
-            paths = args[:1]
-        elif event in CHANGES:
-            paths = [a for a in args if isinstance(a, (str, bytes, os.PathLike))]
-        for path in paths:
-            if outside(path):
-                raise PermissionError(f"sandbox: {event} {path!r} is outside the temp folder")
+def _layout() -> dict:
+    """What a program sees of the machine: read-only folders and files (what namespaces mode
+    binds, and what hook mode lets it read), merged-/usr symlinks, the interpreter, site dirs."""
+    ro, links = ["/usr"], []
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            links.append((os.readlink(top), top))
+        elif os.path.isdir(top):
+            ro.append(top)
+    python = os.path.realpath(sys.executable)
+    site = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")]
+    wanted = [sys.base_prefix, sys.base_exec_prefix, os.path.dirname(os.path.dirname(python))]
+    for path in sorted({os.path.realpath(p) for p in wanted + site if os.path.isdir(p)}, key=len):
+        if not any(path == r or path.startswith(r.rstrip("/") + "/") for r in ro):
+            ro.append(path)
+    files = [f for f in ("/etc/ld.so.cache", "/etc/localtime") if os.path.exists(f)]
+    return {
+        "ro": ro,
+        "links": links,
+        "files": files,
+        "python": python,
+        "path": [p for p in site if os.path.isdir(p)],
+    }
 
-    # unaudited ways to signal other processes or to leave the process group
-    for module in ("os", "posix"):
-        for name in ("pidfd_open", "setsid", "setpgid", "setpgrp"):
-            setattr(sys.modules[module], name, None)
-    for module in ("signal", "_signal"):
-        setattr(sys.modules[module], "pidfd_send_signal", None)
+
+def _bwrap_command(layout: dict) -> list[str]:
+    """bubblewrap's arguments up to the command (the server adds --info-fd and the runner)."""
+    exe = shutil.which("bwrap") or "bwrap"
+    usage = subprocess.run([exe, "--help"], capture_output=True, text=True, env=_clean_env())
+    root = os.getuid() == 0
+    args = [exe, "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session"]
+    args += ["--uid", str(NOBODY), "--gid", str(NOBODY), "--hostname", "sandbox"]
+    if "--disable-userns" in usage.stdout:
+        args.append("--disable-userns")  # no nested namespaces: less kernel to attack
+    if root:
+        args += ["--cap-drop", "ALL"]
+    for path in layout["ro"] + layout["files"]:
+        args += ["--ro-bind", path, path]
+    for target, link in layout["links"]:
+        args += ["--symlink", target, link]
+    args += ["--proc", "/proc", "--dev", "/dev"]
+    if root:  # bwrap keeps the caller's uid outside: root could write the host's sysctls
+        args += ["--tmpfs", "/proc/sys", "--remount-ro", "/proc/sys"]
+    if "--size" in usage.stdout:
+        args += ["--size", str(DISK_LIMIT)]
+    return args + ["--tmpfs", "/tmp", "--remount-ro", "/", "--chdir", "/tmp"]
+
+
+def _start(backend: str, drop: bool, guard: bool, tmp: str | None) -> subprocess.Popen:
+    """A sandbox server for one backend, its socket in `.channel`."""
+    cfg = {"backend": backend, "drop": drop, "guard": guard, "runner": RUNNER} | _layout()
+    cfg["tmp"] = os.path.realpath(tmp or tempfile.gettempdir())
+    if backend == "bwrap":
+        cfg["bwrap"] = _bwrap_command(cfg)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        code = compile(job["program"], "<program>", "exec")
-        sys.addaudithook(guard)
-        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
-        outcome = "passed"
-    except BaseException as exc:
-        try:
-            why = str(exc)
-        except BaseException:
-            why = ""
-        outcome = f"failed: {type(exc).__name__}" + (f": {why}" if why else "")
-    sentinel = job["sentinel"].encode()
-    write(report, b"\n" + sentinel + b" " + " ".join(outcome.split())[:300].encode() + b"\n")
-    leave(0)
+        server = subprocess.Popen(
+            [cfg["python"], "-I", "-S", "-B", os.path.abspath(__file__), json.dumps(cfg)],
+            cwd="/",
+            env=_clean_env(),
+            stdin=theirs,
+            stdout=theirs,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    server.channel, server.isolation = ours, backend
+    return server
 
 
-def supervise(job, result_w):
-    # the supervisor: own session in the temp folder, runs the runner, reads its output's tail
-    os.setsid()
-    os.chdir(job["home"])
-    os.environ.update(HOME=job["home"], TMPDIR=job["home"])
-    out_r, out_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(out_r)
-        os.close(result_w)
-        run(job, out_w)
-    os.close(out_w)
-    tail, sentinel = b"", job["sentinel"].encode() + b" "
-    while chunk := os.read(out_r, 65536):
-        tail = (tail + chunk)[-job["tail"]:]
-    _, status = os.waitpid(pid, 0)
-    at = tail.rfind(sentinel)
-    if at >= 0:
-        return tail[at + len(sentinel):].split(b"\n")[0].decode(errors="replace")
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        if sig == signal.SIGXCPU:
-            return "timed out (CPU limit)"
-        return f"failed: killed by {signal.Signals(sig).name}"
-    return f"failed: exited with code {os.WEXITSTATUS(status)} before the end"
+def _probe(backend: str, drop: bool = False) -> str | None:
+    """None if `backend` runs a program that imports from the stdlib here, else why not."""
+    if backend == "bwrap" and shutil.which("bwrap") is None:
+        return "bwrap is not installed (apt-get install bubblewrap)"
+    try:
+        server = _start(backend, drop, True, None)
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    try:
+        passed, status = check_program(PROBE, timeout=30, sandbox=server)
+    finally:
+        stop_sandbox(server)
+    return None if passed else status
 
 
-for line in sys.stdin.buffer:
-    job = json.loads(line)
-    result_r, result_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(result_r)
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        try:
-            outcome = supervise(job, result_w)
-        except BaseException as exc:
-            outcome = f"failed: sandbox error ({type(exc).__name__}: {exc})"
-        os.write(result_w, outcome.encode()[:4000])
-        os._exit(0)
-    os.close(result_w)
-    pidfd = os.pidfd_open(pid)
-    finished = bool(select.select([pidfd], [], [], job["timeout"])[0])
-    os.close(pidfd)
-    for kill in (os.killpg, os.kill):  # the group; the supervisor alone if it had no session yet
-        try:
-            kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    outcome = os.read(result_r, 4096).decode(errors="replace") if finished else "timed out"
-    os.close(result_r)
-    while True:  # the supervisor, and the runner if the kill orphaned it
-        try:
-            os.waitpid(-1, 0)
-        except ChildProcessError:
-            break
-    sys.stdout.write(json.dumps({"status": outcome or "failed: the sandbox stopped"}) + "\n")
-    sys.stdout.flush()
-"""
+def _choose(isolation: str) -> tuple[str, bool, str]:
+    """(backend, drop to uid 65534 in hook mode, why) for `isolation`, probed once a process."""
+    if isolation not in ISOLATIONS:
+        raise ValueError(f"sandbox isolation {isolation!r}: one of {', '.join(ISOLATIONS)}")
+    if isolation in _CHOSEN:
+        return _CHOSEN[isolation]
+    root = os.getuid() == 0
+    if isolation == "hook":
+        order = []
+    elif isolation in ("bwrap", "unshare"):
+        order = [isolation]
+    else:
+        order = ["unshare", "bwrap"] if root else ["bwrap", "unshare"]
+    errors = []
+    for backend in order:
+        why = _probe(backend)
+        if why is None:
+            _CHOSEN[isolation] = (backend, False, f"namespaces via {backend}")
+            return _CHOSEN[isolation]
+        errors.append(f"{backend}: {why}")
+    if isolation != "auto" and isolation != "hook":
+        raise RuntimeError(f"sandbox: no namespaces on this machine ({'; '.join(errors)})")
+    drop = root and _probe("hook", drop=True) is None
+    why = "asked for" if isolation == "hook" else "no namespaces here: " + "; ".join(errors)
+    _CHOSEN[isolation] = ("hook", drop, why)
+    return _CHOSEN[isolation]
 
 
-def _clean_env() -> dict[str, str]:
-    """The sandbox's whole environment: none of the parent's variables (no AWS_*, MLFLOW_*)."""
-    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1"}
+def sandbox_mode(isolation: str = "auto") -> tuple[str, str]:
+    """("namespaces" or "hook", one line saying how) that `isolation` gets on this machine; what
+    an evaluation records as its `sandbox` param. Raises RuntimeError where "namespaces",
+    "bwrap" or "unshare" cannot be had."""
+    backend, drop, why = _choose(isolation)
+    if backend != "hook":
+        return "namespaces", why
+    return "hook", why + ("; programs run as uid 65534" if drop else "")
 
 
-def start_sandbox() -> subprocess.Popen:
-    """A sandbox server (see above); `check_program(..., sandbox=it)` reuses it."""
-    return subprocess.Popen(
-        [sys.executable, "-I", "-B", "-u", "-c", _SERVER],
-        cwd="/",
-        env=_clean_env(),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+def start_sandbox(
+    isolation: str = "auto", *, guard: bool = True, tmp: str | None = None
+) -> subprocess.Popen:
+    """A sandbox server (see above); `check_program(..., sandbox=it)` reuses it.
+
+    `guard=False` leaves the audit hook out (namespaces only: to test what the kernel alone
+    holds). `tmp` is where hook mode makes temp folders (default: tempfile.gettempdir()).
+    """
+    backend, drop, why = _choose(isolation)
+    if backend == "hook" and isolation == "auto" and not _WARNED:
+        _WARNED.append(why)
+        warnings.warn(
+            f"sandbox: programs run under the in-process guard only ({why})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if backend == "hook" and not guard:
+        raise ValueError("sandbox: guard=False needs namespaces")
+    return _start(backend, drop, guard, tmp)
 
 
 def stop_sandbox(sandbox: subprocess.Popen) -> None:
-    """End a sandbox server (it exits when its input closes)."""
-    try:
-        sandbox.stdin.close()
-    except OSError:
-        pass
+    """End a sandbox server (it exits when its socket closes)."""
+    sandbox.channel.close()
     try:
         sandbox.wait(timeout=5)
     except subprocess.TimeoutExpired:
         os.killpg(sandbox.pid, signal.SIGKILL)
         sandbox.wait()
-    sandbox.stdout.close()
 
 
-def _reply(fd: int, timeout: float) -> bytes | None:
-    """One line from the sandbox server, or None if it sends none within `timeout` seconds."""
-    data, deadline = b"", time.monotonic() + timeout
-    while not data.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
+def _ask(sandbox: subprocess.Popen, job: dict, wait: float) -> str | None:
+    """Send one job and return its status; None if the server sends no reply in `wait` s.
+
+    Replies are tagged with the job's id. Anything else on the channel (stale or forged) is
+    this job's failure and is consumed here, so it can never become the next job's result.
+    """
+    sock, stray = sandbox.channel, False
+    while select.select([sock], [], [], 0)[0]:  # left over from an earlier job: not ours
+        if not sock.recv(1 << 20):
             return None
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            return None
-        data += chunk
-    return data
+        stray = True
+    sock.sendall(json.dumps(job).encode() + b"\n")
+    data, deadline = b"", time.monotonic() + wait
+    while True:
+        while b"\n" not in data:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([sock], [], [], left)[0]:
+                return None
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                return None
+            data += chunk
+        line, _, data = data.partition(b"\n")
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            reply = {}
+        if isinstance(reply, dict) and reply.get("id") == job["id"]:
+            if stray or data:
+                return "failed: a reply that was not this job's came on the sandbox channel"
+            return str(reply.get("status"))
+        stray = True
 
 
 def check_program(
@@ -212,43 +284,464 @@ def check_program(
     timeout: float = 10.0,
     memory: int = MEMORY_LIMIT,
     sandbox: subprocess.Popen | None = None,
+    isolation: str = "auto",
 ) -> tuple[bool, str]:
-    """Run `program` in a sandboxed process; (True, "passed") only if it ran to its end.
+    """Run `program` in the sandbox; (True, "passed") only if it ran to its end.
 
     Otherwise (False, why): "failed: AssertionError", "failed: SystemExit: 0", "timed out",
-    "failed: exited with code 0 before the end", ... The program runs in a fresh temp folder
-    (removed after) with an empty environment, `python -I`, limits on address space (`memory`
-    bytes), CPU seconds, file size and new processes, and an audit hook that refuses kill, fork,
-    exec, subprocess, ctypes, sockets and writes outside its folder. Its whole process group is
-    killed when it ends or after `timeout` seconds. `sandbox` (from `start_sandbox`) saves
-    starting a server per call. Not a security boundary against code written to escape: run
-    untrusted code inside a container or VM as well.
+    "failed: exited with code 0 before the end", ... `memory` bytes of address space, CPU
+    seconds ⌈timeout⌉ + 1, `timeout` seconds of wall clock. `sandbox` (from `start_sandbox`)
+    saves starting a server per call; `isolation` is used only when it is None. Never raises
+    for anything the program does; see the module docstring for what each mode guarantees.
     """
-    server = sandbox or start_sandbox()
+    server = sandbox or start_sandbox(isolation)
     try:
-        with tempfile.TemporaryDirectory(prefix="wmtp-check-", ignore_cleanup_errors=True) as home:
-            job = {
-                "program": program,
-                "sentinel": secrets.token_hex(16),
-                "home": os.path.realpath(home),
-                "timeout": timeout,
-                "memory": memory,
-                "cpu": math.ceil(timeout) + 1,
-                "fsize": FILE_LIMIT,
-                "tail": OUTPUT_TAIL,
-            }
-            try:
-                server.stdin.write(json.dumps(job).encode() + b"\n")
-                server.stdin.flush()
-                reply = _reply(server.stdout.fileno(), timeout + 5)
-            except OSError:  # the server is gone
-                reply = None
-        if reply is None:
+        job = {
+            "id": secrets.token_hex(16),
+            "program": program,
+            "timeout": timeout,
+            "memory": memory,
+            "cpu": math.ceil(timeout) + 1,
+            "fsize": FILE_LIMIT,
+            "tail": OUTPUT_TAIL,
+        }
+        try:
+            status = _ask(server, job, timeout + REPLY_GRACE)
+        except OSError:  # the server is gone
+            status = None
+        if status is None:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+            server.channel.close()
             return False, "failed: the sandbox stopped"
-        status = json.loads(reply)["status"]
         return status == "passed", status
     finally:
         if sandbox is None:
             stop_sandbox(server)
+
+
+# ---------------------------------------------------------------------------------------------
+# The server's side (run as a script)
+
+CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x2000000, 0x4000000, 0x8000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
+MS_REC, MS_PRIVATE, MS_RELATIME, MNT_DETACH = 16384, 1 << 18, 1 << 21, 2
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+GRACE = 2.0  # seconds to wait for the output's end once the program's process has exited
+
+
+def _libc():
+    """libc through ctypes, for the server only (runners never load ctypes)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    ulong, text = ctypes.c_ulong, ctypes.c_char_p
+    libc.mount.argtypes = [text, text, text, ulong, text]
+    libc.umount2.argtypes = [text, ctypes.c_int]
+    libc.prctl.argtypes = [ctypes.c_int, ulong, ulong, ulong, ulong]
+    libc.unshare.argtypes = [ctypes.c_int]
+    libc.sethostname.argtypes = [text, ctypes.c_size_t]
+    libc.syscall.argtypes = [ctypes.c_long, text, text]
+    return libc
+
+
+def _call(libc, name: str, *args) -> None:
+    """libc.name(*args) (str arguments as bytes), OSError if it fails."""
+    rc = getattr(libc, name)(*(a.encode() if isinstance(a, str) else a for a in args))
+    if rc != 0:
+        import ctypes
+
+        err = ctypes.get_errno()
+        raise OSError(
+            err, f"{name}{tuple(a for a in args if isinstance(a, str))}: {os.strerror(err)}"
+        )
+
+
+def _bind_ro(libc, source: str, target: str) -> None:
+    """Bind `source` on `target` recursively, then make it and every mount below read-only."""
+    _call(libc, "mount", source, target, None, MS_BIND | MS_REC, None)
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    for point in points:
+        if point == target or point.startswith(target.rstrip("/") + "/"):
+            flags = os.statvfs(point).f_flag
+            # locked flags must be kept on a remount inside a user namespace
+            keep = flags & (MS_NOEXEC | 1024 | 2048) | (MS_RELATIME if flags & 4096 else 0)
+            extra = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | keep
+            _call(libc, "mount", None, point, None, extra, None)
+
+
+def _mount_sandbox(libc, cfg: dict, sources: dict[str, int]) -> None:
+    """In a fresh mount namespace: build the program's root (see the module docstring) on a
+    tmpfs, pivot into it and let go of the host's tree."""
+    _call(libc, "mount", None, "/", None, MS_REC | MS_PRIVATE, None)
+    root = "/tmp"  # mounted over in this namespace only
+    _call(libc, "mount", "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+    for path in cfg["ro"] + cfg["files"]:
+        target, is_dir = root + path, stat.S_ISDIR(os.fstat(sources[path]).st_mode)
+        os.makedirs(target if is_dir else os.path.dirname(target), exist_ok=True)
+        if not is_dir:
+            open(target, "w").close()
+        _bind_ro(libc, f"/proc/self/fd/{sources[path]}", target)
+    for target, link in cfg["links"]:
+        os.symlink(target, root + link)
+    os.mkdir(root + "/dev")
+    _call(libc, "mount", "tmpfs", root + "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k")
+    for name in ("null", "zero", "full", "random", "urandom"):
+        open(f"{root}/dev/{name}", "w").close()
+        _call(libc, "mount", f"/dev/{name}", f"{root}/dev/{name}", None, MS_BIND, None)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):  # fmt: skip
+        os.symlink(target, f"{root}/dev/{name}")
+    os.mkdir(root + "/tmp")
+    _call(libc, "mount", "tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+          f"mode=0700,size={DISK_LIMIT}")  # fmt: skip
+    os.mkdir(root + "/proc")
+    _call(libc, "mount", "proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    for name in ("sys", "sysrq-trigger", "irq", "bus"):
+        if os.path.exists(f"{root}/proc/{name}"):
+            _bind_ro(libc, f"{root}/proc/{name}", f"{root}/proc/{name}")
+    os.chdir(root)
+    number = SYS_PIVOT_ROOT.get(os.uname().machine)
+    if number is None:
+        raise OSError(f"pivot_root: unknown syscall number on {os.uname().machine}")
+    _call(libc, "syscall", number, b".", b".")
+    _call(libc, "umount2", ".", MNT_DETACH)  # the host's tree, stacked on ours by pivot_root
+    os.chdir("/")
+    ro = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID
+    _call(libc, "mount", None, "/", None, ro | MS_NODEV, None)
+    _call(libc, "mount", None, "/dev", None, ro | MS_NOEXEC, None)
+    os.chdir("/tmp")
+
+
+def _enter_namespaces(cfg: dict, info_w: int, ready_w: int, go_r: int) -> None:
+    """The unshare backend's launcher (a fork of the server; fds 0-2 already the job and the
+    output). It enters new namespaces, has the server write its id maps (uid 65534 inside;
+    outside too when the server is root), and forks pid 1 there, which builds the root, drops
+    to uid 65534 and execs the runner; the launcher reports pid 1's pid on `info_w` and waits
+    for it. Never returns."""
+    libc = _libc()
+    root = os.getuid() == 0
+    if root:
+        os.setgroups([])  # root's groups would still open root-group files
+    flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC
+    _call(libc, "unshare", flags | CLONE_NEWUTS | CLONE_NEWCGROUP)
+    os.write(ready_w, b"u")
+    os.close(ready_w)
+    if os.read(go_r, 1) != b"g":
+        raise OSError("the server wrote no id maps")
+    os.close(go_r)
+    pid = os.fork()
+    if pid:
+        os.write(info_w, json.dumps({"child-pid": pid}).encode())
+        for fd in (0, 1, 2, info_w):  # so the output ends when the namespace does
+            os.close(fd)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        os._exit(code if code >= 0 else 128 - code)
+    os.close(info_w)
+    _call(libc, "prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the launcher's death ends it
+    _call(libc, "sethostname", "sandbox", 7)
+    # opened with the server's uid (root can reach /root/.pyenv), in this mount namespace
+    sources = {path: os.open(path, os.O_PATH | os.O_CLOEXEC) for path in cfg["ro"] + cfg["files"]}
+    if root:  # uid 65534 from here on; the capabilities in the new namespace stay until exec
+        os.setresgid(NOBODY, NOBODY, NOBODY)
+        os.setresuid(NOBODY, NOBODY, NOBODY)
+        _call(libc, "prctl", PR_SET_DUMPABLE, 1, 0, 0, 0)
+    _mount_sandbox(libc, cfg, sources)
+    os.setsid()
+    _call(libc, "prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    argv = [cfg["python"], "-I", "-S", "-B", "-c", BOOT]
+    os.execve(cfg["python"], argv, _clean_env("/tmp"))  # no capabilities survive: uid 65534
+
+
+def _map_ids(pid: int) -> None:
+    """Write launcher `pid`'s id maps: uid and gid 65534 inside, for the server's own outside,
+    or for 65534 outside when the server is root."""
+    uid, gid = (NOBODY, NOBODY) if os.getuid() == 0 else (os.getuid(), os.getgid())
+    for name, text in (
+        ("setgroups", "deny"),
+        ("uid_map", f"{NOBODY} {uid} 1"),
+        ("gid_map", f"{NOBODY} {gid} 1"),
+    ):
+        with open(f"/proc/{pid}/{name}", "w") as f:
+            f.write(text)
+
+
+def _close_except(keep: set[int]) -> None:
+    """Close every descriptor from 3 up but those in `keep`."""
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
+
+
+def _spawn(cfg: dict, home: str, job_fd: int, out_w: int, info_w: int) -> int:
+    """Start the job's runner for the server's backend; its top process's pid."""
+    streams = [(os.POSIX_SPAWN_DUP2, job_fd, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
+               (os.POSIX_SPAWN_DUP2, out_w, 2)]  # fmt: skip
+    runner = [cfg["python"], "-I", "-S", "-B", "-c", BOOT]
+    if cfg["backend"] == "hook":
+        env = _clean_env(home)
+        return os.posix_spawn(cfg["python"], runner, env, file_actions=streams, setsid=True)
+    if cfg["backend"] == "bwrap":
+        os.set_inheritable(info_w, True)
+        argv = cfg["bwrap"] + ["--info-fd", str(info_w), "--"] + runner
+        return os.posix_spawn(argv[0], argv, _clean_env("/tmp"), file_actions=streams, setsid=True)
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.dup2(job_fd, 0)
+            os.dup2(out_w, 1)
+            os.dup2(out_w, 2)
+            _close_except({info_w, ready_w, go_r})  # the server's pipes and socket
+            os.setsid()
+            _enter_namespaces(cfg, info_w, ready_w, go_r)
+        except BaseException as exc:
+            os.write(2, f"\nsandbox setup: {type(exc).__name__}: {exc}\n".encode())
+        os._exit(127)
+    os.close(ready_w)
+    os.close(go_r)
+    try:
+        if select.select([ready_r], [], [], 30)[0] and os.read(ready_r, 1) == b"u":
+            _map_ids(pid)
+            os.write(go_w, b"g")
+    finally:
+        os.close(ready_r)
+        os.close(go_w)
+    return pid
+
+
+def _watch(out_r: int, info_r: int, pid: int, deadline: float, keep: int) -> tuple:
+    """Read the job's output (its last `keep` bytes) until it ends and its top process has
+    exited, or the deadline passes: (tail, wait status, None if timed out). What is left of the
+    job is killed before the top process is reaped, so no pid used here can have been reused;
+    the namespace's pid 1 (reported on `info_r`) is held by a pidfd for the same reason."""
+    tail, status, ns, info = bytearray(), None, None, b""
+    pidfd = os.pidfd_open(pid)
+    watched = {out_r, info_r, pidfd}
+    try:
+        while out_r in watched or status is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for fd in select.select(list(watched), [], [], left)[0]:
+                if fd == pidfd:  # exited, not reaped yet
+                    _kill(pid, ns)
+                    status = os.waitpid(pid, 0)[1]
+                    watched.discard(pidfd)
+                    deadline = min(deadline, time.monotonic() + GRACE)
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    watched.discard(fd)
+                elif fd == info_r:
+                    info += chunk
+                    found = re.search(rb'"child-pid":\s*(\d+)', info)
+                    if found and ns is None:
+                        try:
+                            ns = os.pidfd_open(int(found.group(1)))
+                        except ProcessLookupError:  # already gone, with its namespace
+                            pass
+                else:
+                    tail += chunk
+                    del tail[:-keep]
+        if status is None:  # timed out
+            _kill(pid, ns)
+            os.waitpid(pid, 0)
+    finally:
+        os.close(pidfd)
+        if ns is not None:
+            os.close(ns)
+    return bytes(tail), status
+
+
+def _kill(pid: int, ns: int | None) -> None:
+    """SIGKILL what is left of a job: the namespace's pid 1 (the kernel then kills all of it),
+    and the top process with its process group (hook mode's runner leads its own)."""
+    if ns is not None:
+        try:
+            signal.pidfd_send_signal(ns, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _reap_all() -> None:
+    """Kill and reap every child of the server's left (orphans come here: it is a subreaper)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid:
+            continue
+        me = os.getpid()
+        try:
+            with open(f"/proc/{me}/task/{me}/children") as f:
+                children = [int(p) for p in f.read().split()]
+        except OSError:
+            children = []
+        for child in children:  # still zombies or alive, so the pids are still theirs
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
+def _remove_tree(top: str, limit: int = CLEANUP_ENTRIES) -> str | None:
+    """Remove folder `top` and all in it, without recursion (any depth) and without following
+    links, holding one descriptor at a time and listing each folder once; None, or why it
+    could not (it never raises: that is the job's failure, not the evaluator's)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd, names, seen = -1, [], [0]
+
+    def folders_in(fd: int) -> list[str]:
+        """Unlink the files in folder `fd`; the names of the folders in it."""
+        found = []
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                seen[0] += 1
+                if seen[0] > limit:
+                    raise OSError(f"more than {limit} entries")
+                if entry.is_dir(follow_symlinks=False):
+                    found.append(entry.name)
+                else:
+                    os.unlink(entry.name, dir_fd=fd)
+        return found
+
+    try:
+        os.chmod(top, 0o700)  # a program may have taken its own permissions away
+        fd = os.open(top, flags)
+        todo = [folders_in(fd)]  # per level: the folders still to empty
+        while todo:
+            if todo[-1]:
+                name = todo[-1].pop()
+                os.chmod(name, 0o700, dir_fd=fd)
+                down = os.open(name, flags, dir_fd=fd)
+                os.close(fd)
+                fd = down
+                names.append(name)
+                todo.append(folders_in(fd))
+            else:
+                todo.pop()
+                if names:
+                    up = os.open("..", flags, dir_fd=fd)
+                    os.close(fd)
+                    fd = up
+                    os.rmdir(names.pop(), dir_fd=fd)
+        os.close(fd)
+        fd = -1
+        os.rmdir(top)
+        return None
+    except Exception as exc:  # noqa: BLE001 - the job's failure, never the evaluator's
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _outcome(tail: bytes, sentinel: str, status: int | None, backend: str) -> str:
+    """The job's status from its output's tail and its top process's wait status."""
+    if status is None:
+        return "timed out"
+    at = tail.rfind(sentinel.encode() + b" ")
+    if at >= 0:
+        return tail[at + len(sentinel) + 1 :].split(b"\n")[0].decode(errors="replace")
+    code = os.waitstatus_to_exitcode(status)
+    # bwrap and the unshare launcher exit with 128 + the signal that killed the runner
+    sig = -code if code < 0 else code - 128 if backend != "hook" and code > 128 else 0
+    if sig == signal.SIGXCPU:
+        return "timed out (CPU limit)"
+    if sig:
+        name = signal.Signals(sig).name if sig in signal.valid_signals() else str(sig)
+        return f"failed: killed by {name}"
+    setup = re.findall(rb"^(?:bwrap|sandbox setup): .*$", tail, re.M)
+    why = f" ({setup[-1].decode(errors='replace')[:300]})" if setup else ""
+    return f"failed: exited with code {code} before the end{why}"
+
+
+def _run_job(cfg: dict, code: bytes, job: dict) -> str:
+    """Run one job from start to cleanup; its status."""
+    import marshal
+
+    sentinel = secrets.token_hex(16)
+    hook = cfg["backend"] == "hook"
+    home = tempfile.mkdtemp(prefix="wmtp-check-", dir=cfg["tmp"]) if hook else "/tmp"
+    fds: list[int] = []
+    try:
+        if hook and cfg["drop"]:
+            os.chown(home, NOBODY, NOBODY)
+        task = {k: job[k] for k in ("program", "memory", "cpu", "fsize")} | {
+            "sentinel": sentinel,
+            "home": home,
+            "guard": cfg["guard"],
+            "drop": hook and cfg["drop"],
+            "reads": cfg["ro"] + cfg["files"] if hook else None,
+            "path": cfg["path"],
+        }
+        job_fd = os.memfd_create("wmtp-job", os.MFD_CLOEXEC)
+        fds.append(job_fd)
+        os.write(job_fd, marshal.dumps((code, task)))
+        os.lseek(job_fd, 0, os.SEEK_SET)
+        out_r, out_w = os.pipe()
+        info_r, info_w = os.pipe()
+        fds += [out_r, out_w, info_r, info_w]
+        deadline = time.monotonic() + job["timeout"]
+        pid = _spawn(cfg, home, job_fd, out_w, info_w)
+        for fd in (job_fd, out_w, info_w):  # the output ends when the job's processes do
+            os.close(fd)
+            fds.remove(fd)
+        tail, status = _watch(out_r, info_r, pid, deadline, job["tail"])
+        outcome = _outcome(tail, sentinel, status, cfg["backend"])
+    finally:
+        for fd in fds:
+            os.close(fd)
+        _reap_all()
+        left = _remove_tree(home) if hook else None
+    if left is not None:
+        return f"failed: the temp folder could not be removed ({left[:200]})"
+    return outcome
+
+
+def serve(cfg: dict) -> None:
+    """The sandbox server: one JSON job per line on fd 0 (a socket), one reply line for each,
+    {"id": the job's id, "status": ...}, written only after all of the job is gone."""
+    import marshal
+
+    with open(cfg["runner"]) as f:
+        code = marshal.dumps(compile(f.read(), cfg["runner"], "exec"))
+    try:
+        _call(_libc(), "prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # a job's orphans come here
+    except OSError:
+        pass
+    sock, data = socket.socket(fileno=0), b""
+    while True:
+        while b"\n" not in data:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                return
+            data += chunk
+        line, _, data = data.partition(b"\n")
+        job = json.loads(line)
+        try:
+            status = _run_job(cfg, code, job)
+        except Exception as exc:  # noqa: BLE001 - that job fails, the server carries on
+            status = f"failed: sandbox error ({type(exc).__name__}: {exc})"
+        sock.sendall(json.dumps({"id": job.get("id"), "status": status}).encode() + b"\n")
+
+
+if __name__ == "__main__":
+    serve(json.loads(sys.argv[1]))
