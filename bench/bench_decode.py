@@ -10,12 +10,15 @@ Variants, each decoding the same prompt of a random model (wmtp_decode; greedy, 
 - generate: transformers' `generate` on the LlamaForCausalLM view of the model (wmtp_eval.causal_lm)
 
 ms/token is the decoding time per new token with the prefill taken out: (t[N] - t[1]) / (N - 1),
-t[n] the wall time of decoding n tokens (medians of `--rounds` interleaved rounds). ms/forward is
-the same per forward. A random model's heads rarely agree with head 0 (about 1 token per forward),
-so the speculative rows measure what a forward costs; "projected" divides the compiled
-speculative forward by `--tokens-per-forward` (Meta's 4-head models: about 3 on code). Compile
-time: the first compiled decode's time minus a warm one's. The bandwidth limit: the bytes a plain
-token reads (trunk, head 0, norm, unembedding, K/V) over the copy bandwidth measured here.
+t[n] the time of decoding n tokens (medians of `--rounds` interleaved rounds). ms/forward is
+the same per forward. A random model's greedy text soon repeats one token, which its heads then
+predict or not (tok/fwd says which): not a real acceptance rate, so the speculative rows measure
+what a forward costs, and "projected" divides the compiled speculative forward by
+`--tokens-per-forward` (Meta's 4-head models: about 3 on code). Compile time: the first compiled
+decode's wall time minus the second's, with fresh inductor/Triton caches (`--warm-cache` keeps
+them). The bandwidth limit: the bytes a plain token reads (trunk, head 0, norm, unembedding, K/V)
+over the copy bandwidth measured here. Times: wall on CUDA, this process's CPU time on CPU (1
+thread by default: the figures then hold on a machine shared with other jobs).
 
     python bench/bench_decode.py --device cpu --dim 256           # CPU, fp32, a small model
     python bench/bench_decode.py                                   # CUDA: 7B_1T_4 shapes, bf16
@@ -27,6 +30,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -74,11 +78,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def clock(device: torch.device) -> float:
+    """Wall seconds on CUDA; on CPU this process's CPU seconds, which other jobs on a shared
+    machine do not inflate (with 1 thread, what the wall clock shows on an idle machine)."""
+    return time.perf_counter() if device.type == "cuda" else time.process_time()
+
+
 def decode(variant: str, model, lm, prompts: list[list[int]], n: int) -> tuple[list, int, float]:
-    """New tokens, forwards and wall seconds of one variant decoding n tokens per prompt."""
+    """New tokens, forwards and seconds (`clock`) of one variant decoding n tokens per prompt."""
     device = model.lm_head.weight.device
     sync(device)
-    t0 = time.perf_counter()
+    t0 = clock(device)
     if variant == "generate":
         ids = torch.tensor(prompts, device=device)
         with torch.no_grad():
@@ -91,12 +101,12 @@ def decode(variant: str, model, lm, prompts: list[list[int]], n: int) -> tuple[l
                 pad_token_id=0,
             )
         sync(device)
-        return out[:, ids.shape[1] :].tolist(), n, time.perf_counter() - t0
+        return out[:, ids.shape[1] :].tolist(), n, clock(device) - t0
     outs, stats = greedy_decode_batch(
         model, prompts, n, speculative="spec" in variant, compile="compiled" in variant
     )
     sync(device)
-    return outs, stats["forwards"], time.perf_counter() - t0
+    return outs, stats["forwards"], clock(device) - t0
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -129,8 +139,13 @@ def measure(args, model, prompts) -> tuple[dict, dict, dict]:
     """Medians over interleaved rounds of each variant's t[N] and t[1], first-call times, outputs."""
     lm = causal_lm(model)
     first, outs, times = {}, {}, {(v, n): [] for v in VARIANTS for n in (1, args.new_tokens)}
-    for v in VARIANTS:  # warm-up: the compiled variants compile here
-        first[v] = decode(v, model, lm, prompts, args.new_tokens)[2]
+    for v in VARIANTS:  # warm-up: the compiled variants compile here (wall time: in workers too)
+        walls = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            decode(v, model, lm, prompts, args.new_tokens)
+            walls.append(time.perf_counter() - t0)
+        first[v] = walls
         decode(v, model, lm, prompts, 1)
     forwards = {}
     for r in range(args.rounds):
@@ -152,9 +167,7 @@ def report(args, model, prompts, device) -> None:
     med, first, got = measure(args, model, prompts)
     outs, fwd = got["outs"], got["forwards"]
     ms_tok = {v: 1e3 * (med[v, N] - med[v, 1]) / (N - 1) for v in VARIANTS}
-    ms_fwd = {
-        v: 1e3 * (med[v, N] - med[v, 1]) / max(fwd[v, N] - fwd[v, 1], 1) for v in VARIANTS
-    }
+    ms_fwd = {v: 1e3 * (med[v, N] - med[v, 1]) / max(fwd[v, N] - fwd[v, 1], 1) for v in VARIANTS}
     bw = copy_bandwidth(device)
     limit_ms = 1e3 * plain_token_bytes(model, args.prompt_len + N // 2, args.batch) / bw
     base = ms_tok["generate"]
@@ -165,16 +178,16 @@ def report(args, model, prompts, device) -> None:
         same = "yes" if outs[v] == outs["eager plain"] else "NO"
         print(
             f"{v:16} {ms_tok[v]:9.2f} {ms_tok[v] / base:11.2f} {ms_fwd[v]:11.2f} {tpf:8.2f}"
-            f"  {first[v]:8.2f} s    {same}"
+            f"  {first[v][0]:8.2f} s    {same}"
         )
     for mode in ("eager", "compiled"):
-        compile_s = first[f"{mode} plain"] - med[f"{mode} plain", N]
         ratio = ms_fwd[f"{mode} spec"] / ms_fwd[f"{mode} plain"]
-        line = f"{mode}: speculative forward / plain forward x{ratio:.2f}"
-        if mode == "compiled":
-            spec_c = first["compiled spec"] - med["compiled spec", N]
-            line += f"; compile time plain {compile_s:.1f} s, speculative {spec_c:.1f} s"
-        print(line)
+        print(f"{mode}: speculative forward / plain forward x{ratio:.2f}")
+    plain_c, spec_c = (first[v][0] - first[v][1] for v in ("compiled plain", "compiled spec"))
+    print(
+        f"compile time (first compiled decode's wall time minus the second's): plain {plain_c:.1f} s,"
+        f" speculative {spec_c:.1f} s, {'a fresh' if args.cold else 'the existing'} inductor cache"
+    )
     print(
         f"compiled plain / eager plain (ms/token) x{ms_tok['compiled plain'] / ms_tok['eager plain']:.2f}; "
         f"compiled spec / eager spec x{ms_tok['compiled spec'] / ms_tok['eager spec']:.2f}"
@@ -210,14 +223,24 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tokens-per-forward", type=float, default=3.0)
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads")
+    p.add_argument(
+        "--warm-cache",
+        dest="cold",
+        action="store_false",
+        help="keep inductor's and Triton's on-disk caches (default: fresh ones, a cold compile)",
+    )
     args = p.parse_args()
+    if args.cold:
+        tmp = tempfile.mkdtemp(prefix="bench_decode_")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tmp, "inductor")
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(tmp, "triton")
     device = torch.device(args.device)
     args.attn_heads = args.attn_heads or max(args.dim // 128, 1)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     ]
-    if args.threads:
+    if device.type == "cpu":
         torch.set_num_threads(args.threads)
     model = build_model(args, device, dtype)
     g = torch.Generator().manual_seed(1)
