@@ -120,12 +120,16 @@ def _resolve(path, _readlink=os.readlink, _getcwd=os.getcwd):
     (os.path.realpath, from builtins only); None for a symlink loop or a lost cwd."""
     if path is None:
         return None
-    if not path.startswith("/"):
+    out = []
+    if not path.startswith("/"):  # the kernel's cwd has no links or '..' left: not resolved again
         try:
-            path = _getcwd() + "/" + path
+            cwd = _getcwd()
         except OSError:
             return None
-    todo, out, links = path.split("/")[::-1], [], 0
+        if not cwd.startswith("/"):
+            return None
+        out = [name for name in cwd.split("/") if name]
+    todo, links = path.split("/")[::-1], 0
     while todo:
         name = todo.pop()
         if name == "" or name == ".":
