@@ -315,6 +315,7 @@ def cloud_load(args, work: str, env: dict, client) -> None:
             f"{r['rss_mib'] / size:.3f} | {r['cpu_s'] / size * 1024:.2f} | {r['conns']} | "
             f"{r['s'] / runai_s:.2f}x |"
         )
+    same_concurrency(args, ok, size)
     kits = {n: r for n, r in ok.items() if n.startswith("kit")}
     best = min(kits, key=lambda n: kits[n]["s"])
     k = kits[best]
@@ -339,6 +340,32 @@ def cloud_load(args, work: str, env: dict, client) -> None:
         f"proxy: {stats['connections']} connections, {stats['requests']} requests, "
         f"{stats['refused']} connections refused (over its max_conns)"
     )
+
+
+def same_concurrency(args, ok: dict, size: float) -> None:
+    """The kit (default block) against Run:ai at each concurrency both were run at."""
+    both = [c for c in args.concurrency or [] if c in (args.runai_concurrency or [])]
+    if not both:
+        return
+    print("\n### kit vs Run:ai at the same concurrency (block: the kit's default)\n")
+    print(
+        "| concurrency | kit s | Run:ai s | kit / Run:ai time | RSS growth / file kit, Run:ai "
+        "| CPU s / GiB kit, Run:ai | connections kit, Run:ai |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for c in both:
+        k = ok.get(f"kit, max_concurrency {c}, block default")
+        r = ok.get(f"runai, concurrency {c}")
+        if k is None or r is None:
+            secs = ["failed" if x is None else f"{x['s']:.2f}" for x in (k, r)]
+            print(f"| {c} | {secs[0]} | {secs[1]} | | | | |")
+            continue
+        print(
+            f"| {c} | {k['s']:.2f} | {r['s']:.2f} | {k['s'] / r['s']:.2f}x "
+            f"| {k['rss_mib'] / size:.3f}, {r['rss_mib'] / size:.3f} "
+            f"| {k['cpu_s'] / size * 1024:.2f}, {r['cpu_s'] / size * 1024:.2f} "
+            f"| {k['conns']}, {r['conns']} |"
+        )
 
 
 def main() -> None:
