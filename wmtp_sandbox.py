@@ -32,6 +32,7 @@ job's id, so nothing a program does can reach another job's result.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -74,6 +75,7 @@ PROBE = "import json, math\nassert json.loads('[3]')[0] < math.pi\n"
 
 _CHOSEN: dict[str, tuple[str, bool, str]] = {}  # isolation -> (backend, drop, why), per process
 _WARNED: list[str] = []
+_USAGE: dict[str, str] = {}  # bwrap path -> its --help
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,14 +116,19 @@ def _layout() -> dict:
 def _bwrap_command(layout: dict) -> list[str]:
     """bubblewrap's arguments up to the command (the server adds --info-fd and the runner)."""
     exe = shutil.which("bwrap") or "bwrap"
-    usage = subprocess.run([exe, "--help"], capture_output=True, text=True, env=_clean_env())
-    root = os.getuid() == 0
+    if exe not in _USAGE:  # which options this bwrap has (--disable-userns: 0.8, --size: 0.7)
+        run = subprocess.run([exe, "--help"], capture_output=True, text=True, env=_clean_env())
+        _USAGE[exe] = run.stdout
+    usage, root = _USAGE[exe], os.getuid() == 0
     args = [exe, "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session"]
     args += ["--uid", str(NOBODY), "--gid", str(NOBODY), "--hostname", "sandbox"]
-    if "--disable-userns" in usage.stdout:
+    if "--disable-userns" in usage:
         args.append("--disable-userns")  # no nested namespaces: less kernel to attack
     if root:
         args += ["--cap-drop", "ALL"]
+    if "--size" in usage:
+        args += ["--size", str(DISK_LIMIT)]
+    args += ["--tmpfs", "/tmp"]  # first: a bound folder under /tmp (a CI venv) stays visible
     for path in layout["ro"] + layout["files"]:
         args += ["--ro-bind", path, path]
     for target, link in layout["links"]:
@@ -129,9 +136,7 @@ def _bwrap_command(layout: dict) -> list[str]:
     args += ["--proc", "/proc", "--dev", "/dev"]
     if root:  # bwrap keeps the caller's uid outside: root could write the host's sysctls
         args += ["--tmpfs", "/proc/sys", "--remount-ro", "/proc/sys"]
-    if "--size" in usage.stdout:
-        args += ["--size", str(DISK_LIMIT)]
-    return args + ["--tmpfs", "/tmp", "--remount-ro", "/", "--chdir", "/tmp"]
+    return args + ["--remount-ro", "/", "--chdir", "/tmp"]
 
 
 def _start(backend: str, drop: bool, guard: bool, tmp: str | None) -> subprocess.Popen:
@@ -332,6 +337,7 @@ SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "
 GRACE = 2.0  # seconds to wait for the output's end once the program's process has exited
 
 
+@functools.cache
 def _libc():
     """libc through ctypes, for the server only (runners never load ctypes)."""
     import ctypes
@@ -379,6 +385,9 @@ def _mount_sandbox(libc, cfg: dict, sources: dict[str, int]) -> None:
     _call(libc, "mount", None, "/", None, MS_REC | MS_PRIVATE, None)
     root = "/tmp"  # mounted over in this namespace only
     _call(libc, "mount", "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+    os.mkdir(root + "/tmp")  # first: a bound folder under /tmp (a CI venv) stays visible
+    _call(libc, "mount", "tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+          f"mode=0700,size={DISK_LIMIT}")  # fmt: skip
     for path in cfg["ro"] + cfg["files"]:
         target, is_dir = root + path, stat.S_ISDIR(os.fstat(sources[path]).st_mode)
         os.makedirs(target if is_dir else os.path.dirname(target), exist_ok=True)
@@ -395,9 +404,6 @@ def _mount_sandbox(libc, cfg: dict, sources: dict[str, int]) -> None:
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):  # fmt: skip
         os.symlink(target, f"{root}/dev/{name}")
-    os.mkdir(root + "/tmp")
-    _call(libc, "mount", "tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
-          f"mode=0700,size={DISK_LIMIT}")  # fmt: skip
     os.mkdir(root + "/proc")
     _call(libc, "mount", "proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
     for name in ("sys", "sysrq-trigger", "irq", "bus"):
@@ -433,15 +439,17 @@ def _enter_namespaces(cfg: dict, info_w: int, ready_w: int, go_r: int) -> None:
     if os.read(go_r, 1) != b"g":
         raise OSError("the server wrote no id maps")
     os.close(go_r)
+    alive_r, alive_w = os.pipe()  # pid 1 sees EOF here once the launcher is gone
     pid = os.fork()
     if pid:
+        os.close(alive_r)
         os.write(info_w, json.dumps({"child-pid": pid}).encode())
         for fd in (0, 1, 2, info_w):  # so the output ends when the namespace does
             os.close(fd)
         code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         os._exit(code if code >= 0 else 128 - code)
     os.close(info_w)
-    _call(libc, "prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the launcher's death ends it
+    os.close(alive_w)
     _call(libc, "sethostname", "sandbox", 7)
     # opened with the server's uid (root can reach /root/.pyenv), in this mount namespace
     sources = {path: os.open(path, os.O_PATH | os.O_CLOEXEC) for path in cfg["ro"] + cfg["files"]}
@@ -449,6 +457,11 @@ def _enter_namespaces(cfg: dict, info_w: int, ready_w: int, go_r: int) -> None:
         os.setresgid(NOBODY, NOBODY, NOBODY)
         os.setresuid(NOBODY, NOBODY, NOBODY)
         _call(libc, "prctl", PR_SET_DUMPABLE, 1, 0, 0, 0)
+    # the launcher's death ends pid 1 and so the namespace; set after the uid change, which
+    # clears it, and checked once, in case the launcher died before
+    _call(libc, "prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if select.select([alive_r], [], [], 0)[0]:
+        os._exit(127)
     _mount_sandbox(libc, cfg, sources)
     os.setsid()
     _call(libc, "prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
@@ -479,34 +492,42 @@ def _close_except(keep: set[int]) -> None:
 
 
 def _spawn(cfg: dict, home: str, job_fd: int, out_w: int, info_w: int) -> int:
-    """Start the job's runner for the server's backend; its top process's pid."""
-    streams = [(os.POSIX_SPAWN_DUP2, job_fd, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
-               (os.POSIX_SPAWN_DUP2, out_w, 2)]  # fmt: skip
+    """Start the job's runner for the server's backend; its top process's pid. The top process
+    gets SIGKILL if the server dies (PR_SET_PDEATHSIG, kept across exec), so no job outlives
+    its server, whatever happens to the server."""
     runner = [cfg["python"], "-I", "-S", "-B", "-c", BOOT]
-    if cfg["backend"] == "hook":
-        env = _clean_env(home)
-        return os.posix_spawn(cfg["python"], runner, env, file_actions=streams, setsid=True)
-    if cfg["backend"] == "bwrap":
-        os.set_inheritable(info_w, True)
-        argv = cfg["bwrap"] + ["--info-fd", str(info_w), "--"] + runner
-        return os.posix_spawn(argv[0], argv, _clean_env("/tmp"), file_actions=streams, setsid=True)
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
+    server, libc = os.getpid(), _libc()
     pid = os.fork()
     if pid == 0:
         try:
+            if cfg["backend"] == "hook" and cfg["drop"]:  # root: the program runs as 65534
+                os.setgroups([])
+                os.setresgid(NOBODY, NOBODY, NOBODY)
+                os.setresuid(NOBODY, NOBODY, NOBODY)
+            # after any uid change (which clears it); kept across exec
+            _call(libc, "prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != server:  # the server died before that
+                os._exit(127)
             os.dup2(job_fd, 0)
             os.dup2(out_w, 1)
             os.dup2(out_w, 2)
             _close_except({info_w, ready_w, go_r})  # the server's pipes and socket
             os.setsid()
+            if cfg["backend"] == "hook":
+                os.execve(runner[0], runner, _clean_env(home))
+            if cfg["backend"] == "bwrap":
+                os.set_inheritable(info_w, True)
+                argv = cfg["bwrap"] + ["--info-fd", str(info_w), "--"] + runner
+                os.execve(argv[0], argv, _clean_env("/tmp"))
             _enter_namespaces(cfg, info_w, ready_w, go_r)
         except BaseException as exc:
             os.write(2, f"\nsandbox setup: {type(exc).__name__}: {exc}\n".encode())
         os._exit(127)
     os.close(ready_w)
     os.close(go_r)
-    try:
+    try:  # the unshare launcher asks for its id maps; the others close ready_w at exec
         if select.select([ready_r], [], [], 30)[0] and os.read(ready_r, 1) == b"u":
             _map_ids(pid)
             os.write(go_w, b"g")
@@ -688,7 +709,6 @@ def _run_job(cfg: dict, code: bytes, job: dict) -> str:
             "sentinel": sentinel,
             "home": home,
             "guard": cfg["guard"],
-            "drop": hook and cfg["drop"],
             "reads": cfg["ro"] + cfg["files"] if hook else None,
             "path": cfg["path"],
         }

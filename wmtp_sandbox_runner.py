@@ -4,8 +4,8 @@ wmtp_sandbox's server compiles this file once and sends it, with the job, to eve
 starts (inside fresh namespaces, or plainly in hook mode); the runner executes it and calls
 `main(job)`. Nothing of the server is in the runner's memory: no ctypes, no server state.
 
-`main` lowers the resource limits, drops to uid 65534 where asked (root in hook mode), takes
-away the process calls no audit event reports, installs the guard (an audit hook, PEP 578),
+`main` lowers the resource limits (the server has already made it uid 65534 where it could),
+takes away the process calls no audit event reports, installs the guard (an audit hook, PEP 578),
 runs the program and, only if the program returned, writes the job's sentinel and "passed".
 
 The guard holds no mutable state: all it consults are default arguments (a tuple, which cannot
@@ -18,8 +18,6 @@ interpreter's memory (crafted bytecode or marshal data, CPython bugs): namespace
 import os
 import stat
 import sys
-
-NOBODY = 65534  # the unprivileged uid and gid programs run as (namespaces; root in hook mode)
 
 # events refused outright: processes, signals, native code, the network and name lookups,
 # introspection that reaches other frames or objects, locks and ioctls on shared files,
@@ -311,10 +309,6 @@ def main(job: dict) -> None:
         (resource.RLIMIT_CORE, 0, 0),
     ):
         resource.setrlimit(what, (soft, hard))
-    if job["drop"]:  # root in hook mode: the kernel's permissions then hold for the program
-        os.setgroups([])
-        os.setresgid(NOBODY, NOBODY, NOBODY)
-        os.setresuid(NOBODY, NOBODY, NOBODY)
     sys.path.extend(job["path"])
     if job["guard"]:  # without it (namespaces, tests), the kernel alone holds the program
         _take_away()

@@ -251,14 +251,18 @@ def test_all_mbpp_test_reference_solutions_pass(mode):
     os.getuid() != 0 or not os.access("/usr/bin/python3", os.X_OK),
     reason="needs root (to become uid 65534) and a system python3 that uid 65534 can run",
 )
-def test_every_mode_as_an_unprivileged_user():
-    """The evaluator as uid 65534 (the usual researcher's case: bwrap unprivileged, unshare
-    mapping its own uid), run with the system's python3 on a copy of the module."""
+@pytest.mark.parametrize("user", ["root", "nobody"])
+def test_every_mode_with_a_system_python(user):
+    """The evaluator on the system's python3 (which uid 65534 can run, unlike this venv's under
+    /root), on a copy of the module: as root, hook mode then runs programs as uid 65534 too; as
+    uid 65534 (the usual researcher's case) bwrap is unprivileged and unshare maps its own
+    uid."""
+    import json
     import shutil
     import subprocess
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    work = tempfile.mkdtemp(prefix="wmtp-unprivileged-")  # tmp_path's parents are root's only
+    work = tempfile.mkdtemp(prefix="wmtp-system-python-")  # tmp_path's parents are root's only
     os.chmod(work, 0o755)
     for name in ("wmtp_sandbox.py", "wmtp_sandbox_runner.py"):
         shutil.copy(os.path.join(here, name), os.path.join(work, name))
@@ -267,17 +271,18 @@ def test_every_mode_as_an_unprivileged_user():
         "out = {}\n"
         "for iso in ('bwrap', 'unshare', 'hook'):\n"
         "    try:\n"
-        "        s.sandbox_mode(iso)\n"
+        "        out[iso] = s.sandbox_mode(iso)[1]\n"
         "    except RuntimeError as exc:\n"
         "        out[iso] = str(exc); continue\n"
         "    out[iso] = [s.check_program(p, timeout=5, isolation=iso) for p in\n"
-        "                ('import re\\nassert re.match(\"a\", \"a\")', 'assert 0',\n"
-        "                 'import os\\nos.kill(1, 9)')]\n"
+        '                (\'import re, os\\nassert re.match("a", "a") and os.getuid() == 65534\',\n'
+        "                 'assert 0', 'import os\\nos.kill(1, 9)')]\n"
         "print(json.dumps(out))\n"
     )
+    become = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
     try:
         run = subprocess.run(
-            ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+            (become if user == "nobody" else [])
             + [
                 "/usr/bin/python3",
                 "-I",
@@ -293,12 +298,10 @@ def test_every_mode_as_an_unprivileged_user():
     finally:
         shutil.rmtree(work)
     assert run.returncode == 0, run.stderr
-    import json
-
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert isinstance(out["hook"], list), out
     for iso, results in out.items():
-        if isinstance(results, str):  # that backend is refused to unprivileged users here
+        if isinstance(results, str):  # that backend is refused to this user here
             print(f"{iso}: {results}", file=sys.stderr)
             assert iso != "hook"
             continue

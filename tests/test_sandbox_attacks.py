@@ -433,3 +433,31 @@ def test_remove_tree_never_recurses_follows_or_raises(tmp_path, victim):
     for i in range(20):
         (many / str(i)).write_text("")
     assert "more than 10 entries" in wmtp_sandbox._remove_tree(str(many), limit=10)
+
+
+@pytest.mark.parametrize("sandbox", GUARDED, indirect=True)
+def test_no_program_outlives_its_server(sandbox, bystander):
+    # the evaluator's worst case: its sandbox server is killed while a program sleeps
+    import threading
+
+    isolation, guard, _ = sandbox
+    server = start_sandbox(isolation)
+    results = []
+    worker = threading.Thread(
+        target=lambda: results.append(
+            check_program("import time\ntime.sleep(1000)", timeout=600, sandbox=server)
+        )
+    )
+    worker.start()
+    deadline = time.monotonic() + 30
+    while not _runners() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _runners(), "the program never started"
+    os.killpg(server.pid, 9)
+    worker.join(timeout=60)
+    assert results == [(False, "failed: the sandbox stopped")]
+    deadline = time.monotonic() + 10
+    while _runners() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _runners() == [], "a program outlived its sandbox server"
+    stop_sandbox(server)
