@@ -7,8 +7,12 @@ after the first `skip` of those whose method is in `methods` (and whose request 
 
 - "drop":  forward the response head and `after` body bytes, then close the connection
 - "stall": forward the response head and `after` body bytes, then send nothing more
-- "hang":  accept the request and never answer
+- "hang":  accept the request and never answer (nor read its body: an upload stalls)
 - "503":   answer 503 SlowDown without asking the server
+- "drip":  forward the response head and `after` body bytes, then one byte every `interval` s
+- "strip": forward the request without the headers named in `headers` (lower case), as an
+           endpoint that ignores them would answer: `Range` (200 and the whole object), or
+           `If-Match` / `If-None-Match` (s3rver 3.7.1 ignores both); moto checks no signatures
 
 At most MAX_CONNECTIONS connections are served at once (two daemon threads each), sockets
 have timeouts, and everything stops when the context exits (or, whatever happens, after
@@ -70,6 +74,13 @@ def _pipe(src: socket.socket, dst: socket.socket, stop: threading.Event) -> None
         pass
 
 
+def _strip(head: bytes, names: tuple[bytes, ...]) -> bytes:
+    """The request head without the header lines named in `names` (lower case)."""
+    lines = head.split(b"\r\n")
+    keep = [ln for ln in lines[1:] if ln.split(b":", 1)[0].strip().lower() not in names]
+    return b"\r\n".join([lines[0], *keep])
+
+
 def _serve(client: socket.socket, upstream: tuple[str, int], plan: dict, stop: threading.Event):
     """One client connection: one request, one (maybe faulty) response."""
     server = None
@@ -93,6 +104,8 @@ def _serve(client: socket.socket, upstream: tuple[str, int], plan: dict, stop: t
         if fault == "hang":
             stop.wait()
             return
+        if fault == "strip":
+            head = _strip(head, plan["headers"])
         server = socket.create_connection(upstream, timeout=0.5)
         server.sendall(head + rest)
         threading.Thread(target=_pipe, args=(client, server, stop), daemon=True).start()
@@ -105,7 +118,7 @@ def _serve(client: socket.socket, upstream: tuple[str, int], plan: dict, stop: t
             if not resp_head:
                 return
         length = _content_length(resp_head)
-        limit = plan["after"] if fault in ("drop", "stall") else None
+        limit = plan["after"] if fault in ("drop", "stall", "drip") else None
         client.sendall(resp_head)
         sent = 0
         while not stop.is_set() and (length is None or sent < length):
@@ -114,6 +127,9 @@ def _serve(client: socket.socket, upstream: tuple[str, int], plan: dict, stop: t
                 client.sendall(take)
                 sent += len(take)
                 if limit is not None and sent >= limit:
+                    if fault == "drip":
+                        left = 2**62 if length is None else length - sent
+                        _drip(client, server, body[len(take) :], left, plan, stop)
                     if fault == "stall":
                         stop.wait()
                     return
@@ -137,6 +153,21 @@ def _serve(client: socket.socket, upstream: tuple[str, int], plan: dict, stop: t
         plan["slots"].release()
 
 
+def _drip(client, server, body: bytes, left: int, plan: dict, stop: threading.Event) -> None:
+    """Send the rest of a response (`body` read already, then the server's) one byte at a time."""
+    while left > 0 and not stop.is_set():
+        if not body:
+            try:
+                body = server.recv(65536)
+            except TimeoutError:
+                continue
+            if not body:
+                return
+        client.sendall(body[:1])
+        body, left = body[1:], left - 1
+        stop.wait(plan["interval"])
+
+
 @contextmanager
 def fault_proxy(
     upstream_url: str,
@@ -147,10 +178,12 @@ def fault_proxy(
     after: int = 0,
     methods: tuple[str, ...] = ("GET",),
     match: bytes = b"",
+    headers: tuple[bytes, ...] = (),
+    interval: float = 0.5,
     lifetime: float = 60.0,
 ) -> Iterator[dict]:
     """Run the proxy; yields {"endpoint": its URL, "requests": seen, "faults": injected}."""
-    if fault not in ("drop", "stall", "hang", "503"):
+    if fault not in ("drop", "stall", "hang", "503", "drip", "strip"):
         raise ValueError(f"unknown fault {fault!r}")
     up = urlparse(upstream_url)
     upstream = (up.hostname, up.port)
@@ -167,6 +200,8 @@ def fault_proxy(
         "after": after,
         "methods": methods,
         "match": match,
+        "headers": tuple(h.lower() for h in headers),
+        "interval": interval,
         "requests": 0,
         "matching": 0,
         "faults": 0,
