@@ -8,6 +8,7 @@ No model code lives here. Every other module reads and writes through these func
 from __future__ import annotations
 
 import asyncio
+import codecs
 import functools
 import gzip
 import hashlib
@@ -103,6 +104,12 @@ def join(base: str, *names: str) -> str:
 CONNECT_TIMEOUT = 10.0  # seconds to open a connection to the S3 endpoint
 READ_TIMEOUT = 20.0  # seconds an open connection may stay silent before the request is retried
 RETRIES = 3  # retries of a failed request, and resumes of one ranged GET, before giving up
+# Slowest average a request's body may move at, after read_timeout's grace: a GET of n bytes gets
+# read_timeout + n / MIN_READ_RATE seconds, a part or PUT read_timeout + n / MIN_WRITE_RATE, then
+# it is cut (and resumed or retried). Reads share the link between MAX_IN_FLIGHT GETs; parts go
+# one at a time, so they get all of it.
+MIN_READ_RATE = 64 * 2**10  # bytes/s per GET: 8 MiB blocks get 20 + 128 s
+MIN_WRITE_RATE = 2**20  # bytes/s per upload: 16 MiB parts get 20 + 16 s
 
 _s3_settings: dict[str, Any] = {
     "endpoint_url": None,
@@ -111,6 +118,8 @@ _s3_settings: dict[str, Any] = {
     "connect_timeout": CONNECT_TIMEOUT,
     "read_timeout": READ_TIMEOUT,
     "retries": RETRIES,
+    "min_read_rate": MIN_READ_RATE,
+    "min_write_rate": MIN_WRITE_RATE,
     "max_concurrency": None,  # None: MAX_IN_FLIGHT
     "block_size": None,  # None: BLOCK_SIZE
     "fallback_root": None,  # configure_s3: s3.fallback_root, else WMTP_S3_FALLBACK, else none
@@ -127,17 +136,24 @@ def configure_s3(
     connect_timeout: float | None = None,
     read_timeout: float | None = None,
     retries: int | None = None,
+    min_read_rate: float | None = None,
+    min_write_rate: float | None = None,
     max_concurrency: int | None = None,
     block_size: int | None = None,
     fallback_root: str | None = None,
 ) -> None:
     """Set S3 endpoint/region/profile (None: the standard AWS environment), connect/read timeouts
-    in seconds and retries (None: CONNECT_TIMEOUT, READ_TIMEOUT, RETRIES), the ranged GETs in
+    in seconds and retries (None: CONNECT_TIMEOUT, READ_TIMEOUT, RETRIES), the slowest bytes/s a
+    GET body or an upload may average (None: MIN_READ_RATE, MIN_WRITE_RATE), the ranged GETs in
     flight and bytes per GET of large reads (None: MAX_IN_FLIGHT, BLOCK_SIZE), and the local
     mirror that reads fall back to when S3 is down (None: WMTP_S3_FALLBACK, else none)."""
     for name, value in (("max_concurrency", max_concurrency), ("block_size", block_size)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"s3.{name} must be a positive integer, not {value!r}")
+    for name, value in (("min_read_rate", min_read_rate), ("min_write_rate", min_write_rate)):
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if value is not None and not (number and 0 < value < math.inf):
+            raise ValueError(f"s3.{name} must be a positive number of bytes/s, not {value!r}")
     _s3_settings.update(
         max_concurrency=max_concurrency,
         block_size=block_size,
@@ -147,6 +163,8 @@ def configure_s3(
         connect_timeout=CONNECT_TIMEOUT if connect_timeout is None else float(connect_timeout),
         read_timeout=READ_TIMEOUT if read_timeout is None else float(read_timeout),
         retries=RETRIES if retries is None else int(retries),
+        min_read_rate=MIN_READ_RATE if min_read_rate is None else float(min_read_rate),
+        min_write_rate=MIN_WRITE_RATE if min_write_rate is None else float(min_write_rate),
         fallback_root=pick_fallback_root(fallback_root),
     )
     _s3_fs.clear()
@@ -319,6 +337,105 @@ def s3_outage(uri: str, exc: BaseException) -> ConnectionError | None:
     return found[0] if found else None
 
 
+def request_deadline(nbytes: int, *, writing: bool = False) -> float:
+    """Seconds one GET body of nbytes (or one part or PUT, `writing`) may take before it is cut:
+    s3.read_timeout, plus the bytes at s3.min_read_rate (s3.min_write_rate)."""
+    rate = _s3_settings["min_write_rate" if writing else "min_read_rate"]
+    return _s3_settings["read_timeout"] + nbytes / rate
+
+
+def _slow_why(nbytes: int, limit: float, *, writing: bool) -> str:
+    """Why a request was cut at its deadline, naming the settings that set it."""
+    rate = "s3.min_write_rate" if writing else "s3.min_read_rate"
+    return (
+        f"{nbytes} bytes took over {limit:.1f} s ({rate}: {_s3_settings[rate[3:]]:.0f} bytes/s "
+        f"after s3.read_timeout: {_s3_settings['read_timeout']:g} s)"
+    )
+
+
+def _put_bounded(fs, uri: str, method: str, data: bytes | memoryview, params: dict) -> dict:
+    """fs's `method` (put_object, upload_part) with Body=data, each try cut at its
+    `request_deadline`, s3.retries + 1 tries; then a ConnectionError. botocore's own timeouts
+    only cover a silent socket while waiting for the answer, not a body the endpoint never reads.
+    Errors come as s3fs raises them: callers translate them with `s3_call`."""
+    from fsspec.asyn import sync
+
+    limit = request_deadline(len(data), writing=True)
+    tries = _s3_settings["retries"] + 1
+
+    async def send() -> dict:
+        for _ in range(tries):
+            clock = asyncio.timeout(limit)
+            try:
+                async with clock:
+                    # a fresh file object each try: a cancelled try's reader thread may still
+                    # hold the last one; a file-like body goes to the socket in small chunks
+                    return await fs._call_s3(method, Body=io.BytesIO(data), **params)
+            except TimeoutError:
+                if not clock.expired():
+                    raise
+        label = _s3_endpoint_label()
+        raise ConnectionError(
+            f"{uri}: the S3 endpoint ({label}) did not take a {method} in {tries} tries: "
+            f"{_slow_why(len(data), limit, writing=True)}; s3.retries: {tries - 1}"
+        )
+
+    return sync(fs.loop, send)
+
+
+def s3_get(uri: str, **params) -> tuple[bytes, dict]:
+    """(bytes, botocore's answer less Body plus "Age": seconds since it was written by the S3
+    server's clock) of a small object or range (params: GetObject's Range, IfMatch, ...), from
+    one GET. A failed condition is an answer, not an error: no bytes and its status, 412 or 304."""
+    from fsspec.asyn import sync
+
+    fs = s3_filesystem()
+    bucket, key, _ = fs.split_path(uri)
+
+    async def get() -> tuple[bytes, dict]:
+        try:
+            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, **params)
+        except OSError as exc:  # s3fs keeps botocore's error, and its status, as the cause
+            meta = (getattr(exc.__cause__, "response", None) or {}).get("ResponseMetadata", {})
+            if meta.get("HTTPStatusCode") in (304, 412):
+                return b"", {"ResponseMetadata": meta}
+            raise
+        body = resp.pop("Body")
+        try:
+            async with asyncio.timeout(request_deadline(int(resp.get("ContentLength") or 0))):
+                return await body.read(), resp
+        finally:
+            body.close()
+
+    data, resp = s3_call(uri, sync, fs.loop, get)
+    date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    now = parsedate_to_datetime(date).timestamp() if date else time.time()
+    stamped = resp.get("LastModified")
+    resp["Age"] = now - stamped.timestamp() if stamped else 0.0
+    return data, resp
+
+
+def s3_put_if(uri: str, data: bytes, etag: str | None = None) -> str | None:
+    """PUT a small object only if its key is free (etag None: If-None-Match: *) or still holds
+    `etag` (If-Match); its new ETag, or None when the condition failed (412, 409). An endpoint
+    may ignore either header and write anyway: `migrate.py verify-s3` says which it honours."""
+    fs = s3_filesystem()
+    bucket, key, _ = fs.split_path(uri)
+    where = {"Bucket": bucket, "Key": key, **({"IfNoneMatch": "*"} if etag is None else {})}
+    where.update({"IfMatch": etag} if etag is not None else {})
+
+    def put() -> dict:
+        try:
+            return _put_bounded(fs, uri, "put_object", data, where)
+        except OSError as exc:  # s3fs keeps botocore's error, and its code, as the cause
+            code = (getattr(exc.__cause__, "response", None) or {}).get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                return {}
+            raise
+
+    return s3_call(uri, put).get("ETag")
+
+
 # ---------------------------------------------------------------------------------------------
 # Fallback: a local mirror of S3 (`<fallback_root>/bucket/key`) read when S3 is down
 
@@ -373,23 +490,33 @@ def _s3_or_fallback(uri: str, s3_read: Callable[[], Any], local_read: Callable[[
     local = fallback_path(uri)
     if local is None:
         return s3_read()
-    endpoint = _s3_endpoint_label()
-    down = _s3_down.get(endpoint)
+    down = _s3_down.get(_s3_endpoint_label())
     if down is None or time.monotonic() - down[0] > FALLBACK_RECHECK_S:
         try:
             return s3_read()
         except ConnectionError as exc:
-            down = _s3_down[endpoint] = (time.monotonic(), str(exc).removeprefix(f"{uri}: "))
-            why = down[1]
+            why = _s3_failed(uri, exc)
     else:
         why = f"S3 failed {time.monotonic() - down[0]:.0f} s ago ({down[1]})"
-    if uri not in _fallback_reads:
-        print(f"warning: {uri}: {why}; reading {local} (s3.fallback_root) instead", file=sys.stderr)
-    _fallback_reads[uri] = local
+    _note_fallback(uri, local, why)
     try:
         return local_read(local)
     except FileNotFoundError:
         raise ConnectionError(f"{uri}: {why}; the fallback has no copy at {local}") from None
+
+
+def _s3_failed(uri: str, exc: ConnectionError) -> str:
+    """Mark the endpoint down for FALLBACK_RECHECK_S seconds; the failure, without the URI."""
+    why = str(exc).removeprefix(f"{uri}: ")
+    _s3_down[_s3_endpoint_label()] = (time.monotonic(), why)
+    return why
+
+
+def _note_fallback(uri: str, local: str, why: str) -> None:
+    """Warn once per URI that its bytes come from the fallback copy `local`, and record it."""
+    if uri not in _fallback_reads:
+        print(f"warning: {uri}: {why}; reading {local} (s3.fallback_root) instead", file=sys.stderr)
+    _fallback_reads[uri] = local
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,20 +616,17 @@ class _S3AtomicWriter(io.RawIOBase):
     def _call(self, method: str, **kwargs) -> dict:
         return s3_call(self._uri, self._fs.call_s3, method, **self._where, **kwargs)
 
-    def _body(self) -> io.BytesIO:
-        # a file-like body goes to the socket in small chunks; a bytes body would be copied
-        # whole into the transport's buffer, a third part in memory
-        body, self._part = self._part, io.BytesIO()
-        body.seek(0)
-        return body
+    def _put(self, method: str, **kwargs) -> dict:
+        """upload_part or put_object of the buffered bytes, each try within its deadline."""
+        data, self._part = self._part.getvalue(), io.BytesIO()
+        params = {**self._where, **kwargs}
+        return s3_call(self._uri, _put_bounded, self._fs, self._uri, method, data, params)
 
     def _send_part(self) -> None:
         if self._upload_id is None:
             self._upload_id = self._call("create_multipart_upload")["UploadId"]
         number = len(self._parts) + 1
-        out = self._call(
-            "upload_part", UploadId=self._upload_id, PartNumber=number, Body=self._body()
-        )
+        out = self._put("upload_part", UploadId=self._upload_id, PartNumber=number)
         self._parts.append({"PartNumber": number, "ETag": out["ETag"]})
 
     def abort(self) -> None:
@@ -520,7 +644,7 @@ class _S3AtomicWriter(io.RawIOBase):
             return
         try:
             if self._upload_id is None:  # smaller than one part: a single PUT
-                self._call("put_object", Body=self._body())
+                self._put("put_object")
             else:
                 if self._part.tell():
                     self._send_part()
@@ -546,7 +670,9 @@ class _S3AtomicWriter(io.RawIOBase):
 
 class _S3Reader(io.RawIOBase):
     """Seekable S3 object whose readinto fills the caller's buffer by ranged GETs (several in
-    flight for a large buffer), each pinned to the ETag seen at open."""
+    flight for a large buffer), each answer checked against the size and ETag seen at open.
+    With a fallback copy of the object, a read that fails mid-way (S3 gone) continues from that
+    copy at the same offset, once the copy is shown to hold the bytes already read."""
 
     def __init__(self, uri: str):
         info = s3_call(uri, s3_filesystem().info, uri)
@@ -554,6 +680,9 @@ class _S3Reader(io.RawIOBase):
             raise IsADirectoryError(f"is a folder, not a file: {uri}")
         self.uri, self.pos, self.failure = uri, 0, None
         self.size, self.etag = int(info["size"]), info.get("ETag")
+        self.local = None  # the fallback copy, once S3 failed mid-way
+        # [start, end, crc32] of the bytes handed out, kept only where a fallback could take over
+        self.read_log: list[list[int]] | None = [] if fallback_path(uri) else None
 
     def readable(self) -> bool:
         return True
@@ -569,24 +698,90 @@ class _S3Reader(io.RawIOBase):
         return self.pos
 
     def readinto(self, b) -> int:
-        import torch
-
         n = max(0, min(len(b), self.size - self.pos))
-        if n:
-            view = torch.frombuffer(memoryview(b).cast("B")[:n], dtype=torch.uint8)
-            try:
-                _s3_read_ranges(self.uri, [(view, self.pos, self.pos + n)], self.etag)
-            except OSError as exc:
-                self.failure = exc  # kept for `stream_failure`: some parsers swallow it
-                raise
-            self.pos += n
+        if not n:
+            return 0
+        view = memoryview(b).cast("B")[:n]
+        try:
+            if self.local is None:
+                try:
+                    self.etag = _s3_read_ranges(
+                        self.uri, [(view, self.pos, self.pos + n)], self.etag, self.size
+                    )
+                except ConnectionError as exc:
+                    self.local = self._continue_from_fallback(exc)
+            if self.local is not None:
+                _read_exactly(self.local, self.pos, view)
+        except OSError as exc:
+            self.failure = exc  # kept for `stream_failure`: some parsers swallow it
+            raise
+        if self.read_log is not None:
+            log = self.read_log
+            if log and log[-1][1] == self.pos:  # sequential reads: one entry, its crc extended
+                log[-1][1:] = [self.pos + n, zlib.crc32(view, log[-1][2])]
+            else:
+                log.append([self.pos, self.pos + n, zlib.crc32(view)])
+        self.pos += n
         return n
+
+    def _continue_from_fallback(self, exc: ConnectionError):
+        """The fallback copy, open, when it holds this object's bytes so far; else raise exc."""
+        local = fallback_path(self.uri)
+        if local is None or self.read_log is None:
+            raise exc
+        why = _s3_failed(self.uri, exc)
+        try:
+            f = open(local, "rb")  # noqa: SIM115 (closed with the reader)
+        except FileNotFoundError:
+            raise ConnectionError(f"{exc}; the fallback has no copy at {local}") from None
+        differs = _differs(f, self.size, self.read_log)
+        if differs:
+            f.close()
+            raise ConnectionError(f"{exc}; the fallback copy {local} is another object ({differs})")
+        _note_fallback(self.uri, local, f"{why} at byte {self.pos}")
+        return f
 
     def readall(self) -> bytes:
         """The rest of the object in one parallel fetch (RawIOBase would GET it 8 KiB at a time)."""
         buf = bytearray(max(0, self.size - self.pos))
         self.readinto(buf)
         return bytes(buf)
+
+    def close(self) -> None:
+        if self.local is not None:
+            self.local.close()
+        super().close()
+
+
+def _differs(f, size: int, read_log: list[list[int]]) -> str:
+    """How a local file differs from an object of `size` bytes whose ranges in read_log
+    ([start, end, crc32]) were read; "" when it does not."""
+    have = os.fstat(f.fileno()).st_size
+    if have != size:
+        return f"{have} bytes, the object {size}"
+    buf = memoryview(bytearray(min(BLOCK_SIZE, max(1, size))))
+    for start, end, crc in read_log:
+        got = 0
+        for off in range(start, end, len(buf)):
+            chunk = buf[: min(len(buf), end - off)]
+            _read_exactly(f, off, chunk)
+            got = zlib.crc32(chunk, got)
+        if got != crc:
+            return f"bytes {start}-{end - 1} differ from those read from S3"
+    return ""
+
+
+def _read_exactly(f, offset: int, view: memoryview) -> None:
+    """Fill view with a local file's bytes from offset; an error naming the file if it ends first."""
+    f.seek(offset)
+    got = 0
+    while got < len(view):
+        k = f.readinto(view[got:])
+        if not k:
+            raise OSError(
+                f"{f.name}: ended at byte {offset + got}, before byte {offset + len(view)}"
+            )
+        got += k
 
 
 def open_stream(path: str, mode: str = "rb", *, block_size: int | None = None):
@@ -742,25 +937,18 @@ def write_bytes(data: bytes, path: str) -> None:
 # Records
 
 
-def iter_records(path: str) -> Iterator[dict]:
-    """Yield dicts from .jsonl / .jsonl.gz (streamed line by line) or .json (a top-level array)."""
+MAX_RECORD = 128 * 2**20  # bytes of one record (a .jsonl line, a .json array element)
+JSON_CHUNK = 2**20  # characters read at a time from a .json array
+
+
+def iter_records(path: str, *, max_record: int = MAX_RECORD) -> Iterator[dict]:
+    """Yield dicts from .jsonl / .jsonl.gz (streamed line by line) or .json (a top-level array,
+    streamed element by element); a record over max_record bytes is an error, read no further."""
     _, p = resolve(path)
     name = p.lower()
     if name.endswith(".json"):
-        data = read_bytes(p)
-        try:
-            records = msgspec.json.decode(data)
-        except msgspec.DecodeError as exc:
-            raise ValueError(f"{p}: not valid JSON ({exc})") from None
-        except RecursionError:
-            raise ValueError(f"{p}: JSON nested too deeply") from None
-        del data
-        if not isinstance(records, list):
-            raise ValueError(f"{p}: expected a JSON array of records, got {type(records).__name__}")
-        for i, rec in enumerate(records, 1):
-            if not isinstance(rec, dict):
-                raise ValueError(f"{p}: record {i} is a {type(rec).__name__}, not an object")
-            yield rec
+        with open_stream(p) as raw:
+            yield from _json_array_records(p, raw, max_record)
         return
     if not (name.endswith(".jsonl") or name.endswith(".jsonl.gz")):
         raise ValueError(f"{p}: unsupported record file (use .jsonl, .jsonl.gz or .json)")
@@ -770,8 +958,8 @@ def iter_records(path: str) -> Iterator[dict]:
         try:
             lineno = 0
             while True:
-                try:
-                    line = stream.readline()
+                try:  # bounded: a line without its newline after max_record bytes is refused
+                    line = stream.readline(max_record + 1)
                 except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
                     raise ValueError(
                         f"{p}: line {lineno + 1}: corrupt compressed data ({exc})"
@@ -779,6 +967,11 @@ def iter_records(path: str) -> Iterator[dict]:
                 if not line:
                     break
                 lineno += 1
+                if len(line) > max_record and not line.endswith(b"\n"):
+                    raise ValueError(
+                        f"{p}: line {lineno}: longer than {max_record} bytes, the cap on one "
+                        "record (io_stream.MAX_RECORD); is this one JSON object per line?"
+                    )
                 if not line.strip():
                     continue
                 try:
@@ -795,6 +988,74 @@ def iter_records(path: str) -> Iterator[dict]:
         finally:
             if stream is not raw:
                 stream.close()
+
+
+def _json_array_records(p: str, raw, max_record: int) -> Iterator[dict]:
+    """The objects of a top-level JSON array, decoded one at a time from a bounded window of the
+    file (the window holds one record and at most JSON_CHUNK characters more)."""
+    text, scan = codecs.getincrementaldecoder("utf-8")(), json.JSONDecoder()
+    buf, pos, eof = "", 0, False
+
+    def fill(n: int) -> None:
+        """Drop what was consumed and append up to n more bytes of the file to the window."""
+        nonlocal buf, pos, eof
+        data = raw.read(n)
+        eof = not data
+        try:
+            buf = buf[pos:] + text.decode(data, final=eof)
+        except UnicodeDecodeError:
+            raise ValueError(f"{p}: not valid JSON (not UTF-8 text)") from None
+        pos = 0
+
+    def peek() -> str:
+        """The next character that is not white space (not consumed); "" at the end."""
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buf) or eof:
+                return buf[pos] if pos < len(buf) else ""
+            fill(JSON_CHUNK)
+
+    if peek() != "[":
+        got = {"": "nothing", "{": "an object"}.get(peek(), repr(peek()))
+        raise ValueError(f"{p}: expected a JSON array of records, got {got}")
+    pos += 1
+    count, closed = 0, peek() == "]"
+    pos += closed
+    while not closed:
+        count += 1
+        peek()  # the element's first character
+        too_long = ValueError(
+            f"{p}: record {count}: longer than {max_record} bytes, the cap on one record "
+            "(io_stream.MAX_RECORD)"
+        )
+        while True:  # an element cut off by the window's end is decoded again from a longer one
+            try:
+                rec, end = scan.raw_decode(buf, pos)
+                if end < len(buf) or eof:
+                    break
+            except json.JSONDecodeError as exc:
+                if eof:
+                    raise ValueError(f"{p}: record {count}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise ValueError(f"{p}: JSON nested too deeply") from None
+            if len(buf) - pos > max_record:
+                raise too_long
+            fill(max(JSON_CHUNK, len(buf) - pos))
+        if end - pos > max_record:
+            raise too_long
+        pos = end
+        if not isinstance(rec, dict):
+            raise ValueError(f"{p}: record {count} is a {type(rec).__name__}, not an object")
+        yield rec
+        after = peek()
+        if after not in (",", "]"):
+            raise ValueError(f"{p}: not valid JSON after record {count} (expected ',' or ']')")
+        pos += 1
+        closed = after == "]"
+    if peek():
+        raise ValueError(f"{p}: not valid JSON (more after the array's closing ']')")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -935,7 +1196,18 @@ def read_safetensors(
                         raise ValueError(f"{p}: file ended early (truncated)")
                     got += k
         else:
-            _s3_read_ranges(p, jobs, f.raw.etag)
+            try:
+                _s3_read_ranges(
+                    p, [(memoryview(b.numpy()), a, e) for b, a, e in jobs], f.raw.etag, f.raw.size
+                )
+            except ConnectionError as exc:
+                local = fallback_path(p)
+                if local is None or not os.path.isfile(local):
+                    raise
+                out = jobs = None  # S3 failed mid-way: everything again, header too, from the copy
+                _note_fallback(p, local, _s3_failed(p, exc))
+    if out is None:
+        return read_safetensors(local, keys=keys, device=device)
     result = {}
     for name, (buf, info) in out.items():
         dtype = dtypes()[info["dtype"]]
@@ -948,48 +1220,98 @@ def read_safetensors(
     return result
 
 
-def _s3_read_ranges(uri: str, jobs: list[tuple[torch.Tensor, int, int]], etag: str | None) -> None:
-    """Fill each buffer with its byte range: GETs of s3.block_size bytes, s3.max_concurrency at
-    once, no copies."""
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+def _check_answer(uri: str, resp: dict, first: int, end: int, size: int, etag: str | None) -> None:
+    """The GET's answer holds bytes first..end-1 of the object pinned at open, whatever the
+    endpoint made of Range and If-Match (some ignore either); else an OSError saying what came."""
+    if etag is not None and resp.get("ETag") != etag:
+        raise OSError(
+            f"{uri}: the object changed while it was being read (ETag {etag} at open, "
+            f"{resp.get('ETag')} now)"
+        )
+    status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    length, answered = resp.get("ContentLength"), resp.get("ContentRange") or ""
+    m = _CONTENT_RANGE.fullmatch(answered)
+    whole = length is None or length == end - first
+    if status == 206 and whole and m and (int(m[1]), int(m[2])) == (first, end - 1):
+        if m[3] not in ("*", str(size)):
+            raise OSError(
+                f"{uri}: the object changed while it was being read ({size} bytes at open, "
+                f"{m[3]} now)"
+            )
+        return
+    if status == 200 and whole and first == 0 and end == size:
+        return  # the whole object, which is what was asked for
+    got = f"Content-Range {answered!r}" if answered else "no Content-Range"
+    raise OSError(
+        f"{uri}: asked the S3 endpoint ({_s3_endpoint_label()}) for bytes {first}-{end - 1} and "
+        f"got {status} with {got}, {length} bytes: it ignores Range (or a proxy drops it), "
+        "so no byte of it can be placed"
+    )
+
+
+def _s3_read_ranges(
+    uri: str, jobs: list[tuple[memoryview, int, int]], etag: str | None, size: int
+) -> str | None:
+    """Fill each buffer with bytes start..end-1 of the object: GETs of s3.block_size bytes,
+    s3.max_concurrency at once, no copies. Every answer must be those bytes of the object of ETag
+    `etag` and `size` bytes (None: the first answer's ETag, which is returned)."""
     from fsspec.asyn import sync
 
     fs = s3_filesystem()
     bucket, key, _ = fs.split_path(uri)
-    match = {"IfMatch": etag} if etag else {}  # an object replaced mid-read fails, never mixes
-
+    pin = [etag]
     retries, broken = _s3_settings["retries"], _network_errors()
 
     async def fetch(view: memoryview, a: int, b: int, gate: asyncio.Semaphore) -> None:
         async with gate:
             got, failures = 0, 0
             while got < b - a:  # botocore retries a failed request; this resumes a broken body
-                resp = await fs._call_s3(
-                    "get_object", Bucket=bucket, Key=key, Range=f"bytes={a + got}-{b - 1}", **match
-                )
-                body = resp["Body"]
+                limit, body = request_deadline(b - a - got), None
+                clock = asyncio.timeout(limit)
+                # If-Match: an object replaced mid-read fails at once where the endpoint honours
+                # it; the ETag check fails it where it does not
+                match = {"IfMatch": pin[0]} if pin[0] else {}
                 try:
-                    while got < b - a:  # the body streams straight into the tensor's storage
-                        k = await body.readinto(view[got:])
-                        if not k:
-                            raise ConnectionError("the response ended early")
-                        got += k
+                    async with clock:  # a body that drips is cut at its deadline
+                        rng = f"bytes={a + got}-{b - 1}"
+                        resp = await fs._call_s3(
+                            "get_object", Bucket=bucket, Key=key, Range=rng, **match
+                        )
+                        body = resp["Body"]
+                        pin[0] = pin[0] or resp.get("ETag")
+                        _check_answer(uri, resp, a + got, b, size, pin[0])
+                        while got < b - a:  # the body streams straight into the caller's buffer
+                            k = await body.readinto(view[got:])
+                            if not k:
+                                raise ConnectionError("the response ended early")
+                            got += k
                 except broken as exc:
+                    if body is None and not clock.expired():
+                        raise  # the request itself failed: botocore has retried it already
                     failures += 1
                     if failures > retries:
+                        last = (
+                            _slow_why(b - a - got, limit, writing=False)
+                            if clock.expired()
+                            else _why(exc)
+                        )
                         raise ConnectionError(
                             f"{uri}: reading bytes {a + got}-{b - 1} failed {failures} times, "
-                            f"last: {_why(exc)} (s3.retries: {retries})"
+                            f"last: {last} (s3.retries: {retries})"
                         ) from None
                     await asyncio.sleep(min(0.1 * 2**failures, 5.0) * random.uniform(0.5, 1.0))
                 finally:
-                    body.close()
+                    if body is not None:
+                        body.close()
 
     async def fetch_all() -> None:
         gate = asyncio.Semaphore(_s3_settings["max_concurrency"] or MAX_IN_FLIGHT)
         block = _s3_settings["block_size"] or BLOCK_SIZE
         tasks = []
-        for buf, start, end in jobs:
-            view = memoryview(buf.numpy())
+        for view, start, end in jobs:
             for off in range(start, end, block):
                 stop = min(off + block, end)
                 tasks.append(fetch(view[off - start : stop - start], off, stop, gate))
@@ -1002,6 +1324,7 @@ def _s3_read_ranges(uri: str, jobs: list[tuple[torch.Tensor, int, int]], etag: s
             raise
 
     s3_call(uri, sync, fs.loop, fetch_all)
+    return pin[0]
 
 
 def write_safetensors(

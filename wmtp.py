@@ -50,6 +50,8 @@ class S3(_Strict):
     connect_timeout: Annotated[float, msgspec.Meta(gt=0)] = io_stream.CONNECT_TIMEOUT
     read_timeout: Annotated[float, msgspec.Meta(gt=0)] = io_stream.READ_TIMEOUT
     retries: Annotated[int, msgspec.Meta(ge=0)] = io_stream.RETRIES
+    min_read_rate: Annotated[float, msgspec.Meta(gt=0)] = io_stream.MIN_READ_RATE
+    min_write_rate: Annotated[float, msgspec.Meta(gt=0)] = io_stream.MIN_WRITE_RATE
     fallback_root: str | None = None
 
 

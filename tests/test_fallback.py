@@ -202,6 +202,86 @@ def test_no_such_object_or_access_denied_never_falls_back(
 
 
 # ---------------------------------------------------------------------------------------------
+# a stream that fails mid-way (issue 24, item 9)
+
+
+def records_on_s3(endpoint: str, name: str) -> tuple[str, list[dict]]:
+    """3000 records (~660 KB) as s3://wmtp-fb/data/<name>; (URI, records)."""
+    records = [{"i": i, "text": os.urandom(100).hex()} for i in range(3000)]
+    body = "".join(json.dumps(r) + "\n" for r in records).encode()
+    body = gzip.compress(body) if name.endswith(".gz") else body
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").put_object(
+        Bucket="wmtp-fb", Key=f"data/{name}", Body=body
+    )
+    return f"s3://wmtp-fb/data/{name}", records
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.gz"])
+def test_a_stream_that_fails_mid_way_continues_from_the_mirror(own_s3, tmp_path, capsys, name):
+    endpoint, stop = own_s3
+    uri, records = records_on_s3(endpoint, name)
+    mirror = tmp_path / "mirror"
+    mirror_cmd("s3://wmtp-fb/data", mirror, endpoint, capsys)
+    io_stream.configure_s3(endpoint, fallback_root=str(mirror), block_size=2**16, **FAST)
+    it = io_stream.iter_records(uri)
+    got = [next(it) for _ in range(100)]  # the dataset stream is open, one 64 KiB GET read
+    assert warnings_of(capsys) == []
+    stop()  # the endpoint dies
+    got += list(it)
+    assert got == records
+    local = f"{mirror}/wmtp-fb/data/{name}"
+    (line,) = warnings_of(capsys)
+    assert line.startswith(f"warning: {uri}: S3 endpoint unreachable ({endpoint}) at byte ")
+    assert line.endswith(f"; reading {local} (s3.fallback_root) instead")
+    assert io_stream.fallback_used() == [(uri, local)]
+
+
+@pytest.mark.parametrize("change", ["a byte already read", "the size"])
+def test_a_mirror_copy_of_other_bytes_is_never_mixed_in(own_s3, tmp_path, capsys, change):
+    endpoint, stop = own_s3
+    uri, _ = records_on_s3(endpoint, "d.jsonl")
+    mirror = tmp_path / "mirror"
+    mirror_cmd("s3://wmtp-fb/data", mirror, endpoint, capsys)
+    local = mirror / "wmtp-fb" / "data" / "d.jsonl"
+    data = bytearray(local.read_bytes())
+    if change == "the size":
+        data += b"\n"
+    else:
+        data[1000] ^= 1  # a stale copy: another version of the object
+    local.write_bytes(bytes(data))
+    io_stream.configure_s3(endpoint, fallback_root=str(mirror), block_size=2**16, **FAST)
+    it = io_stream.iter_records(uri)
+    [next(it) for _ in range(100)]
+    stop()
+    with pytest.raises(ConnectionError) as err:
+        list(it)
+    msg = str(err.value)
+    assert msg.startswith(f"{uri}: ") and "\n" not in msg
+    assert f"; the fallback copy {local} is another object (" in msg
+    other = "bytes 0-65535 differ from those read from S3" if change != "the size" else "bytes, the"
+    assert other in msg, msg
+
+
+def test_read_safetensors_cut_mid_way_is_read_again_from_the_mirror(s3, boto, tmp_path, capsys):
+    import safetensors.torch
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"w{i}": torch.randn(64, 256, generator=g) for i in range(4)}  # 4 x 64 KiB
+    boto.put_object(Bucket=BUCKET, Key="m/w.safetensors", Body=safetensors.torch.save(tensors))
+    uri, mirror = f"{s3}/m/w.safetensors", tmp_path / "mirror"
+    mirror_cmd(f"{s3}/m", mirror, os.environ["AWS_ENDPOINT_URL"], capsys)
+    # the header's GET goes through; every GET of tensor bytes is cut, and so is each resume
+    with fault_proxy(os.environ["AWS_ENDPOINT_URL"], "drop", after=1000, skip=1, times=10**6) as px:
+        io_stream.configure_s3(px["endpoint"], fallback_root=str(mirror), block_size=2**16, **FAST)
+        got = io_stream.read_safetensors(uri)
+    assert px["faults"] >= 2
+    assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
+    (line,) = warnings_of(capsys)
+    assert line.startswith(f"warning: {uri}: reading bytes ") and "failed 2 times" in line
+    assert dict(io_stream.fallback_used())[uri] == f"{mirror}/{BUCKET}/m/w.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
 # checkpoints
 
 
