@@ -522,15 +522,24 @@ def cleanup_cache(roots: list[str], configs: list[str], yes: bool) -> list[str]:
 PART = 5 * 2**20  # S3's smallest multipart part (all but the last)
 
 
-def verify_s3(uri: str) -> list[tuple[str, bool, str]]:
-    """Check list, put, ranged get, multipart put and delete under an S3 prefix; clean up always."""
+STALE_ETAG = '"00000000000000000000000000000000"'  # no object's ETag: a condition that must fail
+
+
+class Ignored(Exception):
+    """A verify-s3 probe found a condition the endpoint ignores that the kit can do without."""
+
+
+def verify_s3(uri: str) -> list[tuple[str, bool | None, str]]:
+    """Check list, put, ranged get, conditional get and puts (If-Match, If-None-Match), multipart
+    put and delete under an S3 prefix; clean up always. Each result is (step, True: PASS /
+    False: FAIL / None: WARN, what was found)."""
     kind, root = io_stream.resolve(uri)
     if kind != "s3":
         raise ValueError(f"{uri}: not an s3:// URI")
     probe = io_stream.join(root, f".wmtp-verify-{uuid.uuid4().hex[:12]}")
-    small, big = probe + "/probe.bin", probe + "/multipart.bin"
+    small, big, cond = probe + "/probe.bin", probe + "/multipart.bin", probe + "/conditional.bin"
     payload = bytes(range(256)) * 4
-    results: list[tuple[str, bool, str]] = []
+    results: list[tuple[str, bool | None, str]] = []
     fatal = ""  # no bucket or no endpoint: the remaining steps cannot pass, skip their waits
 
     def step(name: str, check) -> None:
@@ -540,6 +549,8 @@ def verify_s3(uri: str) -> list[tuple[str, bool, str]]:
             return
         try:
             results.append((name, True, check()))
+        except Ignored as exc:
+            results.append((name, None, str(exc)))
         except Exception as exc:  # every failure becomes a FAIL line, not a traceback
             reason = (
                 str(exc)
@@ -558,12 +569,31 @@ def verify_s3(uri: str) -> list[tuple[str, bool, str]]:
         return f"{len(payload)} bytes to {small}"
 
     def check_get() -> str:
+        # straight from the endpoint first: what it makes of Range, before the kit's own checks
+        data, answer = io_stream.s3_get(small, Range="bytes=100-299")
+        status, got = answer["ResponseMetadata"].get("HTTPStatusCode"), answer.get("ContentRange")
+        if status != 206 or got != f"bytes 100-299/{len(payload)}":
+            raise ValueError(
+                f"{small}: asked for bytes 100-299, got {status} with "
+                f"{f'Content-Range {got}' if got else 'no Content-Range'} and {len(data)} bytes: "
+                "the endpoint ignores Range, and the kit refuses every partial read from it"
+            )
         with io_stream.open_stream(small) as f:
             f.seek(100)
-            got = f.read(200)
-        if got != payload[100:300]:
+            kit = f.read(200)
+        if data != payload[100:300] or kit != payload[100:300]:
             raise ValueError(f"{small}: bytes 100-299 read back wrong")
-        return "bytes 100-299 match"
+        return f"206, Content-Range {got}, bytes 100-299 match"
+
+    def check_if_match_get() -> str:
+        _, answer = io_stream.s3_get(small, IfMatch=STALE_ETAG)
+        status = answer["ResponseMetadata"].get("HTTPStatusCode")
+        if status == 412:
+            return "honoured: a GET at a stale ETag was refused (412)"
+        raise Ignored(
+            f"ignored: a GET at a stale ETag answered {status}; the kit checks every answer's "
+            "ETag itself, so an object replaced mid-read still fails"
+        )
 
     def check_multipart() -> str:
         first, tail = bytes(range(256)) * (PART // 256), b"wmtp" * 256
@@ -579,8 +609,27 @@ def verify_s3(uri: str) -> list[tuple[str, bool, str]]:
         parts = etag.rpartition("-")[2] if "-" in etag else "?"
         return f"{PART + len(tail)} bytes in {parts} parts"
 
+    locks = "run locks here cannot keep two trainers apart, and the trainers refuse them"
+
+    def check_if_none_match() -> str:
+        if io_stream.s3_put_if(cond, payload) is None:
+            raise ValueError(f"{cond}: a PUT with If-None-Match: * to a new key was refused")
+        if io_stream.s3_put_if(cond, payload) is not None:
+            raise ValueError(
+                f"{cond}: ignored: a second PUT with If-None-Match: * overwrote the object; {locks}"
+            )
+        return "honoured: a second create of the same key was refused"
+
+    def check_if_match_put() -> str:
+        if io_stream.s3_put_if(cond, payload, STALE_ETAG) is not None:
+            raise ValueError(f"{cond}: ignored: a PUT at a stale If-Match ETag was taken; {locks}")
+        _, answer = io_stream.s3_get(cond)
+        if io_stream.s3_put_if(cond, payload, answer.get("ETag")) is None:
+            raise ValueError(f"{cond}: a PUT with If-Match: its own ETag was refused")
+        return "honoured: a replace at a stale ETag was refused, one at the current ETag taken"
+
     def check_delete() -> str:
-        written = [p for p in (small, big) if io_stream.exists(p)]
+        written = [p for p in (small, big, cond) if io_stream.exists(p)]
         if not written:
             raise ValueError("nothing to delete: the puts failed")
         for p in written:
@@ -593,10 +642,13 @@ def verify_s3(uri: str) -> list[tuple[str, bool, str]]:
         step("list", check_list)
         step("put", check_put)
         step("get (ranged)", check_get)
+        step("if-match get", check_if_match_get)
         step("multipart put", check_multipart)
+        step("if-none-match put", check_if_none_match)
+        step("if-match put", check_if_match_put)
         step("delete", check_delete)
     finally:
-        wrote = any(ok for name, ok, _ in results if name in ("put", "multipart put"))
+        wrote = any(ok for name, ok, _ in results if name.endswith("put"))
         if wrote and ("delete", True) not in [r[:2] for r in results]:
             try:
                 io_stream.remove(probe)
@@ -837,7 +889,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--config", action="append", default=[], metavar="OLD.yaml", help="its paths.cache too"
     )
     p.add_argument("--yes", action="store_true", help="delete (default: only list)")
-    p = sub.add_parser("verify-s3", help="check list/put/get/multipart/delete under an S3 prefix")
+    p = sub.add_parser(
+        "verify-s3",
+        help="check list/put/ranged get/conditional get and put/multipart/delete under an S3 prefix",
+    )
     p.add_argument("uri", metavar="s3://bucket/prefix")
     endpoint = "S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)"
     p.add_argument("--endpoint-url", help=endpoint)
@@ -886,8 +941,9 @@ def main(argv: list[str] | None = None) -> int:
                 return _print_lines(sync_checkpoints(args.dir, args.uri))
             results = verify_s3(args.uri)
             for name, ok, detail in results:
-                print(f"{name:<14} {'PASS' if ok else 'FAIL'}  {detail}")
-            return 0 if all(ok for _, ok, _ in results) else 1
+                verdict = {True: "PASS", False: "FAIL", None: "WARN"}[ok]
+                print(f"{name:<18} {verdict}  {detail}")
+            return 0 if all(ok is not False for _, ok, _ in results) else 1
     except (ValueError, OSError) as exc:
         print(f"migrate.py {args.command}: error: {exc}", file=sys.stderr)
         return 2

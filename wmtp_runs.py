@@ -310,27 +310,31 @@ LOCK = ".lock"
 _held_locks: dict[str, dict] = {}  # lock path -> {"record", "created"}; released by tracked_run
 
 
-def _read_lock(path: str) -> tuple[dict | None, bytes | str | None]:
-    """(holder record, version) of a run lock; (None, None) when there is none. The version is the
-    local file's bytes or the S3 object's ETag; an unreadable record is {} (an unknown holder)."""
+EMPTY_LOCK_S = 60.0  # an empty lock (its trainer killed between create and write) is stale after
+
+
+def _read_lock(path: str) -> tuple[dict | None, bytes | str | None, float]:
+    """(holder record, version, age in seconds) of a run lock; (None, None, 0.0) when there is none.
+    The version is the local file's bytes or the S3 object's ETag; an empty or unreadable record
+    is {} (an unknown holder); the age is by the clock that stamped the lock (S3's own)."""
     kind, p = io_stream.resolve(path)
     try:
         if kind == "local":
             with open(p, "rb") as f:
                 raw = version = f.read()
-        else:
-            fs = io_stream.s3_filesystem()
-            version = fs.info(p)["ETag"]  # before the body: a replace then fails if it changed
-            raw = fs.cat_file(p)
+                age = time.time() - os.fstat(f.fileno()).st_mtime
+        else:  # one GET: the body, and the ETag that a replace must still find, belong together
+            raw, answer = io_stream.s3_get(p)
+            version, age = answer.get("ETag"), answer["Age"]
     except FileNotFoundError:
-        return None, None
+        return None, None, 0.0
     except OSError as exc:
-        raise type(exc)(f"{path}: {exc}") from None
+        raise exc if str(exc).startswith(f"{p}: ") else type(exc)(f"{path}: {exc}") from None
     try:
         holder = json.loads(raw)
     except (ValueError, RecursionError):
         holder = {}
-    return holder if isinstance(holder, dict) else {}, version
+    return holder if isinstance(holder, dict) else {}, version, age
 
 
 def _write_lock(path: str, data: bytes, version: bytes | str | None) -> bool:
@@ -361,17 +365,18 @@ def _write_lock(path: str, data: bytes, version: bytes | str | None) -> bool:
             return False
         finally:
             os.close(fd)
-    cond = {"mode": "create"} if version is None else {"IfMatch": version}
-    try:
-        io_stream.s3_filesystem().pipe_file(p, data, **cond)
-    except FileExistsError:  # If-None-Match failed: the lock exists
-        return False
-    except OSError as exc:
-        code = getattr(exc.__cause__, "response", {}).get("Error", {}).get("Code")
-        if code in ("PreconditionFailed", "ConditionalRequestConflict"):
-            return False
-        raise type(exc)(f"{path}: {exc}") from None
-    return True
+    return io_stream.s3_put_if(p, data, version) is not None
+
+
+def _ignored_condition(path: str, data: bytes) -> str | None:
+    """The conditional PUT that the S3 endpoint ignores, tried on the lock just created at path
+    (holding `data`): a second create (If-None-Match: *), then a replace at a wrong ETag
+    (If-Match); an ignored one rewrote the same bytes. None when both were refused, as they must."""
+    if io_stream.s3_put_if(path, data) is not None:
+        return "If-None-Match"
+    if io_stream.s3_put_if(path, data, '"wmtp-not-the-etag"') is not None:
+        return "If-Match"
+    return None
 
 
 def _alive(holder: dict) -> bool:
@@ -389,9 +394,10 @@ def _alive(holder: dict) -> bool:
 
 
 def lock_run_dir(run_dir: str, *, force: bool = False) -> dict | None:
-    """Take `<run_dir>/.lock` for this process (local: exclusive create; S3: PUT If-None-Match: *).
-    A live holder is refused with FileExistsError naming its MLflow run; one whose process is gone
-    (same host), or any with force, is replaced. Returns the replaced holder's record, else None."""
+    """Take `<run_dir>/.lock` for this process (local: exclusive create; S3: PUT If-None-Match: *,
+    refused where the endpoint ignores it). A live holder is refused with FileExistsError naming
+    its MLflow run; one whose process is gone (same host), an empty lock older than EMPTY_LOCK_S,
+    or any with force, is replaced. Returns the replaced holder's record, else None."""
     path = io_stream.join(run_dir, LOCK)
     kind, p = io_stream.resolve(run_dir)
     created = None  # the topmost folder made here, removed again if the run leaves it empty
@@ -408,18 +414,61 @@ def lock_run_dir(run_dir: str, *, force: bool = False) -> dict | None:
     }
     data = json.dumps(record).encode()
     for _ in range(5):
-        holder, version = _read_lock(path)
-        if holder is not None and not force and _alive(holder):
-            who = f"MLflow run {holder['run_id']}" if holder.get("run_id") else "a starting trainer"
-            raise FileExistsError(
-                f"{run_dir} is in use by {who} (host {holder.get('host')}, pid {holder.get('pid')},"
-                f" since {holder.get('since')}); choose another train.run_name, or pass"
-                " --force-unlock if that trainer is gone"
-            )
+        holder, version, age = _read_lock(path)
+        empty = holder == {}  # its trainer was killed between creating and writing it
+        if holder is not None and not force and not (empty and age > EMPTY_LOCK_S):
+            _refuse(run_dir, holder, age)
         if _write_lock(path, data, version):
             _held_locks[path] = {"record": record, "created": created}
+            if empty and not force:
+                print(
+                    f"warning: {run_dir}: took over an empty lock {age:.0f} s old", file=sys.stderr
+                )
+            if kind == "s3":
+                _check_conditions(run_dir, path, data, force)
             return holder
     raise FileExistsError(f"{run_dir}: its lock keeps changing hands; another trainer is starting")
+
+
+def _refuse(run_dir: str, holder: dict, age: float) -> None:
+    """Raise FileExistsError for a lock whose holder may be alive; return for a gone one."""
+    if holder == {}:
+        raise FileExistsError(
+            f"{run_dir} is in use by a starting trainer (its lock is empty, {age:.0f} s old; "
+            f"taken over after {EMPTY_LOCK_S:g} s), or pass --force-unlock if it is gone"
+        )
+    if not _alive(holder):
+        return
+    who = f"MLflow run {holder['run_id']}" if holder.get("run_id") else "a starting trainer"
+    raise FileExistsError(
+        f"{run_dir} is in use by {who} (host {holder.get('host')}, pid {holder.get('pid')},"
+        f" since {holder.get('since')}); choose another train.run_name, or pass"
+        " --force-unlock if that trainer is gone"
+    )
+
+
+def _check_conditions(run_dir: str, path: str, data: bytes, force: bool) -> None:
+    """Give the S3 lock at path back and raise when the endpoint ignores a conditional PUT the
+    lock relies on (two trainers would both hold it); with force, only warn."""
+    ignored = _ignored_condition(path, data)
+    if ignored is None:
+        return
+    what = (
+        f"{run_dir}: the S3 endpoint ({io_stream.s3_options()['endpoint_url'] or 'AWS'}) ignores "
+        f"{ignored} on PUT, so its run lock cannot keep two trainers apart"
+    )
+    if force:
+        print(f"warning: {what}; --force-unlock: locked anyway", file=sys.stderr)
+        return
+    _held_locks.pop(path)
+    holder, _, _ = _read_lock(path)
+    if holder and holder.get("token") == json.loads(data)["token"]:
+        io_stream.remove(path)
+    raise OSError(
+        f"{what}; put paths.checkpoints on a local or shared folder, or pass --force-unlock "
+        "if no other trainer uses this train.run_name (`python migrate.py verify-s3` checks "
+        "an endpoint)"
+    )
 
 
 def set_lock_run_id(run_dir: str, run_id: str) -> None:
@@ -427,7 +476,7 @@ def set_lock_run_id(run_dir: str, run_id: str) -> None:
     path = io_stream.join(run_dir, LOCK)
     held = _held_locks[path]
     held["record"]["run_id"] = run_id
-    holder, version = _read_lock(path)
+    holder, version, _ = _read_lock(path)
     if holder and holder.get("token") == held["record"]["token"]:
         _write_lock(path, json.dumps(held["record"]).encode(), version)
 
@@ -437,7 +486,7 @@ def release_run_locks() -> None:
     that stayed empty (a start that failed leaves nothing behind)."""
     for path in list(_held_locks):
         held = _held_locks.pop(path)
-        holder, _ = _read_lock(path)
+        holder, _, _ = _read_lock(path)
         if holder and holder.get("token") == held["record"]["token"]:
             io_stream.remove(path)
         folder = os.path.dirname(path)

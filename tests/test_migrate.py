@@ -421,22 +421,36 @@ def s3_keys(boto):
     return [o["Key"] for o in boto.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
 
 
+STEPS = [
+    "list",
+    "put",
+    "get (ranged)",
+    "if-match get",
+    "multipart put",
+    "if-none-match put",
+    "if-match put",
+    "delete",
+]
+
+
 def test_verify_s3_all_pass_and_leaves_nothing(s3, s3_endpoint, boto, capsys):
     boto.put_object(Bucket=BUCKET, Key="team/run/user.txt", Body=b"not ours")
     code = migrate.main(["verify-s3", f"{s3}/team/run", "--endpoint-url", s3_endpoint])
     lines = capsys.readouterr().out.splitlines()
     assert code == 0
-    assert [line.split()[0] for line in lines] == ["list", "put", "get", "multipart", "delete"]
+    assert [line.split("  ")[0].strip() for line in lines] == STEPS
     assert all(" PASS " in line for line in lines)
     assert "1 entries under" in lines[0]
-    assert f"{5 * 2**20 + 1024} bytes in 2 parts" in lines[3]
+    assert "206, Content-Range bytes 100-299/1024" in lines[2]
+    assert f"{5 * 2**20 + 1024} bytes in 2 parts" in lines[4]
+    assert all("honoured" in lines[i] for i in (3, 5, 6)), lines  # moto honours every condition
     assert s3_keys(boto) == ["team/run/user.txt"]
 
 
 def test_verify_s3_missing_bucket(s3, capsys):
     code = migrate.main(["verify-s3", "s3://no-such-bucket-here/p"])
     lines = capsys.readouterr().out.splitlines()
-    assert code == 1 and len(lines) == 5, lines
+    assert code == 1 and len(lines) == len(STEPS), lines
     assert all(" FAIL " in ln and "no such bucket 'no-such-bucket-here'" in ln for ln in lines), (
         lines
     )
@@ -454,11 +468,11 @@ def test_verify_s3_access_denied(s3, s3_endpoint, boto, monkeypatch, capsys):
         moto_auth(s3_endpoint, b"inf")
     lines = capsys.readouterr().out.splitlines()
     assert code == 1, lines
-    verdicts = {ln.split()[0]: ln for ln in lines}
+    verdicts = {ln.split("  ")[0].strip(): ln for ln in lines}
     assert " PASS " in verdicts["list"] and "1 entries under" in verdicts["list"]
-    for name in ("put", "multipart"):
+    for name in ("put", "multipart put", "if-none-match put"):
         assert " FAIL " in verdicts[name] and ": access denied (" in verdicts[name], lines
-    assert " FAIL " in verdicts["get"] and " FAIL " in verdicts["delete"], lines
+    assert " FAIL " in verdicts["get (ranged)"] and " FAIL " in verdicts["delete"], lines
     assert key_secret not in "\n".join(lines)
     assert s3_keys(boto) == ["team/run/user.txt"]
 
@@ -470,7 +484,7 @@ def test_verify_s3_unreachable_endpoint(s3, capsys):
         endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
         code = migrate.main(["verify-s3", f"{s3}/p", "--endpoint-url", endpoint])
     lines = capsys.readouterr().out.splitlines()
-    assert code == 1 and len(lines) == 5, lines
+    assert code == 1 and len(lines) == len(STEPS), lines
     assert all(" FAIL " in ln and f"endpoint unreachable ({endpoint})" in ln for ln in lines), lines
 
 
