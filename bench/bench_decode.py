@@ -171,8 +171,10 @@ def report(args, model, prompts, device) -> None:
     bw = copy_bandwidth(device)
     limit_ms = 1e3 * plain_token_bytes(model, args.prompt_len + N // 2, args.batch) / bw
     base = ms_tok["generate"]
-    print(f"\n{'variant':16} {'ms/token':>9} {'x generate':>11} {'ms/forward':>11} {'tok/fwd':>8}")
-    print(f"{'':16} {'':>9} {'(time)':>11} {'':>11} {'':>8}  first call    same tokens")
+    print(
+        f"\n{'variant':16} {'ms/token':>9} {'x generate':>11} {'ms/forward':>11} {'tok/fwd':>8}"
+        "  first call    same tokens"
+    )
     for v in VARIANTS:
         tpf = args.batch * (N - 1) / max(fwd[v, N] - fwd[v, 1], 1)
         same = "yes" if outs[v] == outs["eager plain"] else "NO"

@@ -301,3 +301,14 @@ def test_compiled_batches_equal_eager(no_eager_fallback):
             )
             assert compiled == eager
     assert len({len(o) for o in eager[0]}) > 1  # eos 12 did stop rows early
+
+
+def test_one_read_step_traces_whole(no_eager_fallback):
+    """The GPU's default unembedding (every head at every fed token in one matmul) is captured as
+    one graph; aot_eager: on a GPU inductor emits Triton, not the C++ this CPU would compile."""
+    model = random_model(4, seed=4)
+    prompts = [[5, 2], [1, 2, 3, 4, 5, 6, 7]]
+    step = functools.partial(decode_step, one_read=True)
+    step = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=False)
+    eager = greedy_decode_batch(model, prompts, 30, speculative=True, eos_id=2)
+    assert static_decode(model, prompts, 30, True, 2, step) == eager
