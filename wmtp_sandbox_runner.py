@@ -15,6 +15,7 @@ of its functions is refused, so `gc`, frames or a program's monkeypatching (of `
 interpreter's memory (crafted bytecode or marshal data, CPython bugs): namespaces mode can.
 """
 
+import gc
 import os
 import stat
 import sys
@@ -33,6 +34,7 @@ BLOCKED = frozenset(
         "socket.gethostbyname_ex", "socket.getnameinfo",
         "gc.get_objects", "gc.get_referrers", "gc.get_referents",
         "sys.settrace", "sys.setprofile", "sys._current_frames", "sys._current_exceptions",
+        "sys.addaudithook", "sys.monitoring.register_callback",
         "code.__new__", "cpython.PyInterpreterState_New", "_thread.start_new_thread",
         "fcntl.fcntl", "fcntl.ioctl", "fcntl.flock", "fcntl.lockf",
         "sqlite3.connect", "sqlite3.connect/handle", "sqlite3.enable_load_extension",
@@ -85,6 +87,11 @@ def _refused(*args, **kwargs):
     raise PermissionError("sandbox: this call is not allowed")
 
 
+def _no_handler(*args, **kwargs):
+    """Stands in for signal.signal: ValueError, which callers expect off the main thread."""
+    raise ValueError("sandbox: signal handlers are not allowed")
+
+
 def _fd_path(fd, _readlink=os.readlink, _str=str):
     """The absolute path descriptor `fd` is open on, or None (a pipe, a socket, no /proc)."""
     try:
@@ -94,7 +101,8 @@ def _fd_path(fd, _readlink=os.readlink, _str=str):
     return path if path.startswith("/") else None
 
 
-def _text(obj, _type=type, _sub=issubclass, _str=str, _bytes=bytes, _int=int, _all=slice(None)):
+def _text(obj, _fd=_fd_path, _type=type, _sub=issubclass, _str=str, _bytes=bytes, _int=int,
+          _all=slice(None)):  # fmt: skip
     """`obj` as an exact str path, or None when it is not a str, bytes or descriptor.
 
     A str or bytes subclass is copied to an exact str without calling its methods; a descriptor
@@ -105,7 +113,7 @@ def _text(obj, _type=type, _sub=issubclass, _str=str, _bytes=bytes, _int=int, _a
     if t is _str:
         return obj
     if t is _int:
-        return _fd_path(obj)
+        return _fd(obj)
     if _sub(t, _str):
         return _str.__getitem__(obj, _all)
     if _sub(t, _bytes):
@@ -167,10 +175,10 @@ def _lands(path, roots, _text=_text, _resolve=_resolve, _within=_within, _int=in
     p = _text(path)
     if p is None or not _within(_resolve(p), roots):
         return False
-    head, _, tail = p.rpartition("/")
+    head, sep, tail = p.rpartition("/")
     if _type(path) is _int or tail in ("", ".", ".."):
         return True
-    parent = _resolve(head if head or not p.startswith("/") else "/") if "/" in p else _resolve(".")
+    parent = _resolve((head or "/") if sep else ".")
     return parent is not None and _within(parent.rstrip("/") + "/" + tail, roots)
 
 
@@ -202,13 +210,13 @@ def _opened(path, flags, home, reads, _text=_text, _resolve=_resolve, _within=_w
         raise _error(f"sandbox: open {p!r} is outside what programs may read")
 
 
-def _guard(
-    event, args, home=(), reads=(), protected=frozenset(),
+def _check(
+    event, args, home, reads, protected,
     _blocked=BLOCKED, _modules=MODULES, _builtin=frozenset(sys.builtin_module_names),
     _changes=CHANGES, _reads=READS, _text=_text, _resolve=_resolve, _within=_within,
     _lands=_lands, _opened=_opened, _id=id, _len=len, _error=PermissionError,
 ):  # fmt: skip
-    """The audit hook: raise PermissionError for whatever the sandbox refuses (see above)."""
+    """Raise PermissionError if the sandbox refuses audit event `event` with `args`."""
     if event in _blocked or event.startswith("ctypes."):
         raise _error(f"sandbox: {event} is not allowed")
     if event == "import":
@@ -255,10 +263,30 @@ def _guard(
             raise _error(f"sandbox: {event} {_text(path)!r} is outside what programs may read")
 
 
+def _guard(
+    event, args, home=(), reads=(), protected=frozenset(),
+    _check=_check, _off=gc.disable, _on=gc.enable, _enabled=gc.isenabled,
+):  # fmt: skip
+    """The audit hook: raise PermissionError for whatever the sandbox refuses (see above).
+
+    No program code may run between a check and the call it clears (it could swap a link in
+    the temp folder): there are no threads, signal handlers or other audit hooks, and the
+    collector, which could run a program's __del__, is off while the guard runs.
+    """
+    enabled = _enabled()
+    _off()
+    try:
+        _check(event, args, home, reads, protected)
+    finally:
+        if enabled:
+            _on()
+
+
 def _take_away() -> None:
     """Remove what the audit hook cannot see: unaudited process calls, a fresh copy of any
-    builtin module (`_imp.create_builtin` gives a new `posix`), threads (the guard's checks
-    must not race), and shutil's descriptor-relative rmtree (there are no folder fds)."""
+    builtin module (`_imp.create_builtin` gives a new `posix`), threads and signal handlers
+    (the guard's checks must not race), and shutil's descriptor-relative rmtree (there are
+    no folder descriptors)."""
     import _imp
     import _thread
 
@@ -270,9 +298,10 @@ def _take_away() -> None:
         for name in UNAUDITED:
             if hasattr(sys.modules[module], name):
                 setattr(sys.modules[module], name, _refused)
-    for module in ("signal", "_signal"):
+    for module in ("signal", "_signal"):  # no handlers: they could run inside the guard
         if module in sys.modules:
             sys.modules[module].pidfd_send_signal = _refused
+            sys.modules[module].signal = _no_handler
     for name in ("start_new_thread", "start_new", "start_joinable_thread"):
         if hasattr(_thread, name):
             setattr(_thread, name, _refused)
@@ -287,7 +316,8 @@ def _arm(home: str, reads: list | None) -> None:
     allowed = ()
     if home:
         allowed = tuple(real(r) for r in reads or ()) + roots + (f"/proc/{os.getpid()}",)
-    mine = (_guard, _opened, _lands, _within, _resolve, _text, _fd_path, _refused)
+    mine = (_guard, _check, _opened, _lands, _within, _resolve, _text, _fd_path, _refused)
+    mine += (_no_handler,)
     _guard.__defaults__ = (roots, allowed, frozenset(map(id, mine))) + _guard.__defaults__[3:]
     sys.addaudithook(_guard)
 

@@ -153,6 +153,16 @@ def test_its_own_folder_descriptor_with_the_cwd_elsewhere(sandbox, victim, bysta
     _attack(sandbox, source)
 
 
+# folder d holds a link to a file of its own, folder e a link to the victim's file, made from
+# inside (a relative link that points inside from e/sub/ points outside once moved up to e/):
+# swapping d and e between the guard's check of d/l and the call would write to the victim
+SWAP = (
+    "import os\n"
+    "y = os.path.relpath(V + '/keep.txt', os.path.dirname(os.getcwd()))\n"
+    "os.makedirs('e/sub')\nos.symlink('../../' + y, 'e/sub/l')\nos.rename('e/sub/l', 'e/l')\n"
+    "os.mkdir('d')\nopen('real', 'w').close()\nos.symlink('../real', 'd/l')\n"
+    "def swap(*args):\n    os.rename('d', 'old')\n    os.rename('e', 'd')\n"
+)
 FILES = {  # other ways to make or change files outside
     "mkfifo": "import os\nos.mkfifo(V + '/fifo')",
     "mknod": "import os, stat\nos.mknod(V + '/node', stat.S_IFREG | 0o644)",
@@ -183,6 +193,25 @@ FILES = {  # other ways to make or change files outside
         "        P.n += 1\n        return V + '/keep.txt' if P.n == 1 else 'inside.txt'\n"
         "open(P(), 'w').write('pwned')"
     ),
+    "a link swapped by another audit hook": SWAP
+    + (
+        "import sys\nsys.addaudithook(lambda e, a: swap() if e == 'open' and a[0] == 'd/l' else 0)\n"
+        "open('d/l', 'w').write('pwned')"
+    ),
+    "a link swapped by a signal handler": SWAP
+    + (
+        "import signal\nsignal.signal(signal.SIGALRM, swap)\n"
+        "signal.setitimer(signal.ITIMER_REAL, 1e-4)\n"
+        "while True:\n    open('d/l', 'w').write('pwned')"
+    ),
+    "a link swapped by __del__ while the guard runs": SWAP
+    + (
+        "import gc\nclass Swap:\n    def __del__(self):\n"
+        "        if os.path.exists('e'):\n            swap()\n"
+        "        else:\n            c = [Swap()]\n            c.append(c)\n"
+        "gc.set_threshold(1)\nc = [Swap()]\nc.append(c)\ndel c\n"
+        "while True:\n    open('d/l', 'w').write('pwned')"
+    ),
     "monkeypatched os.path and builtins": (
         "import os, builtins\nos.path.realpath = lambda p, **k: os.getcwd()\n"
         "os.path.abspath = os.path.realpath\nbuiltins.isinstance = lambda *a: True\n"
@@ -194,7 +223,9 @@ FILES = {  # other ways to make or change files outside
 @pytest.mark.parametrize("sandbox", MODES, indirect=True)
 @pytest.mark.parametrize("name", list(FILES))
 def test_files_outside_stay_as_they_were(sandbox, victim, bystander, name):
-    _attack(sandbox, f"V = {victim!r}\n" + FILES[name])
+    # a hook that an audit hook refuses is silently not added: that program then just runs
+    must_fail = name != "a link swapped by another audit hook"
+    _attack(sandbox, f"V = {victim!r}\n" + FILES[name], must_fail)
 
 
 def _lib_dynload(name: str) -> str:
