@@ -7,6 +7,9 @@ the performance server. It is installed from npm into bench/_work on first use.
     os.environ.update(S3RVER_ENV, AWS_ENDPOINT_URL=endpoint)
     ...
     stop()
+
+s3rver 3.7.1 ignores If-Match and If-None-Match (on GET and PUT) but honours Range: the tests
+use it as the second S3 implementation where it is installed (`python bench/s3rver.py`).
 """
 
 from __future__ import annotations
@@ -84,3 +87,7 @@ def start_s3rver(directory: str, buckets: tuple[str, ...] = ()) -> tuple[str, Ca
                 proc.wait()
 
     return f"http://127.0.0.1:{port}", stop
+
+
+if __name__ == "__main__":
+    print(install_s3rver())

@@ -392,3 +392,51 @@ def test_an_empty_lock_is_taken_over_after_its_time(where, tmp_path, request, mo
         holder = json.loads(boto.get_object(Bucket=BUCKET, Key="run/.lock")["Body"].read())
     assert (holder["host"], holder["pid"]) == (socket.gethostname(), os.getpid())
     wmtp_runs.release_run_locks()
+
+
+# ---------------------------------------------------------------------------------------------
+# the second S3 implementation itself, where it is installed
+
+
+@pytest.fixture
+def s3rver(tmp_path, monkeypatch):
+    """s3rver 3.7.1 (bench/s3rver.py) on a bucket of its own; skipped where it is not installed."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from s3rver import BIN, S3RVER_ENV, start_s3rver
+
+    if not os.path.exists(BIN):
+        pytest.skip("s3rver is not installed (python bench/s3rver.py installs it from npm)")
+    for k, v in S3RVER_ENV.items():
+        monkeypatch.setenv(k, v)
+    endpoint, stop = start_s3rver(str(tmp_path / "s3rver"), buckets=("wmtp-s3rver",))
+    io_stream.configure_s3(endpoint)
+    yield endpoint
+    stop()
+    io_stream.configure_s3()
+
+
+def test_s3rver_is_found_out_and_its_reads_never_mix(s3rver, capsys, monkeypatch):
+    import boto3
+
+    code, steps = verify(s3rver, "s3://wmtp-s3rver/p", capsys)
+    assert code == 1, steps
+    assert " WARN  ignored" in steps["if-match get"] and " PASS " in steps["get (ranged)"]
+    assert " FAIL " in steps["if-none-match put"] and " FAIL " in steps["if-match put"], steps
+    with pytest.raises(OSError, match="ignores If-None-Match on PUT"):
+        wmtp_runs.lock_run_dir("s3://wmtp-s3rver/runs/r")
+
+    boto = boto3.client("s3", endpoint_url=s3rver, region_name="us-east-1")
+    old = safetensors.torch.save({"w": torch.zeros(1_000_000)})  # 4 MB: GETs in flight
+    new = safetensors.torch.save({"w": torch.ones(1_000_000)})
+    boto.put_object(Bucket="wmtp-s3rver", Key="w.safetensors", Body=old)
+    real = io_stream.read_safetensors_header
+
+    def header_then_replace(path, f):
+        out = real(path, f)
+        boto.put_object(Bucket="wmtp-s3rver", Key="w.safetensors", Body=new)
+        return out
+
+    monkeypatch.setattr(io_stream, "read_safetensors_header", header_then_replace)
+    io_stream.configure_s3(s3rver, block_size=2**20)
+    with pytest.raises(OSError, match="the object changed while it was being read"):
+        io_stream.read_safetensors("s3://wmtp-s3rver/w.safetensors")
