@@ -281,6 +281,46 @@ def test_read_safetensors_cut_mid_way_is_read_again_from_the_mirror(s3, boto, tm
     assert dict(io_stream.fallback_used())[uri] == f"{mirror}/{BUCKET}/m/w.safetensors"
 
 
+def test_a_trainer_whose_endpoint_dies_mid_dataset_trains_on_from_the_mirror(
+    s3, s3_endpoint, tmp_path, capsys
+):
+    from msgspec.structs import asdict
+
+    uri, mirror, local = f"{s3}/data/train.jsonl", tmp_path / "mirror", str(tmp_path / "d.jsonl")
+    write_dataset(uri, n=2000)  # ~140 KB: five GETs of 32 KiB
+    write_dataset(local, n=2000)
+    mirror_cmd(f"{s3}/data", mirror, s3_endpoint, capsys)
+
+    def cfg(data: str, run: str, endpoint: str):
+        sets = [
+            *TINY,
+            f"paths.datasets.toy={data}",  # added: the shipped datasets stay (data.heldout's)
+            "data.train=[toy]",
+            f"paths.checkpoints={tmp_path}/ckpt",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+            f"mlflow.artifact_location={tmp_path}/mlartifacts",
+            "train.max_steps=4",
+            "train.save_every=100",
+            f"train.run_name={run}",
+            f"s3.endpoint_url={endpoint}",
+            "s3.block_size=32768",
+            f"s3.fallback_root={mirror}",
+            *(f"s3.{k}={v}" for k, v in FAST.items()),
+        ]
+        config = load_config(os.path.join(ROOT, "config.yaml"), sets)
+        io_stream.configure_s3(**asdict(config.s3))  # as the trainers' setup does
+        return config
+
+    full = train_mtp.train(cfg(local, "local", s3_endpoint))
+    # the dataset's first GET goes through; from its second on, the endpoint never answers
+    with fault_proxy(s3_endpoint, "hang", skip=1, times=10**6, match=b"/data/train.jsonl") as px:
+        cut = train_mtp.train(cfg(uri, "cut", px["endpoint"]))
+    assert px["faults"] >= 1
+    assert losses_by_step(cut["run_id"]) == losses_by_step(full["run_id"])
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if f"warning: {uri}: " in ln]
+    assert len(warned) == 1 and " at byte 32768; reading " in warned[0], warned
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 
