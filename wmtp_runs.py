@@ -415,19 +415,26 @@ def lock_run_dir(run_dir: str, *, force: bool = False) -> dict | None:
     data = json.dumps(record).encode()
     for _ in range(5):
         holder, version, age = _read_lock(path)
+        if holder is not None and holder.get("token") == record["token"]:
+            holder = None  # our create landed, though its answer was lost and a retry saw it
+            break
         empty = holder == {}  # its trainer was killed between creating and writing it
         if holder is not None and not force and not (empty and age > EMPTY_LOCK_S):
             _refuse(run_dir, holder, age)
         if _write_lock(path, data, version):
-            _held_locks[path] = {"record": record, "created": created}
             if empty and not force:
                 print(
                     f"warning: {run_dir}: took over an empty lock {age:.0f} s old", file=sys.stderr
                 )
-            if kind == "s3":
-                _check_conditions(run_dir, path, data, force)
-            return holder
-    raise FileExistsError(f"{run_dir}: its lock keeps changing hands; another trainer is starting")
+            break
+    else:
+        raise FileExistsError(
+            f"{run_dir}: its lock keeps changing hands; another trainer is starting"
+        )
+    _held_locks[path] = {"record": record, "created": created}
+    if kind == "s3":
+        _check_conditions(run_dir, path, data, force)
+    return holder
 
 
 def _refuse(run_dir: str, holder: dict, age: float) -> None:

@@ -394,6 +394,18 @@ def test_an_empty_lock_is_taken_over_after_its_time(where, tmp_path, request, mo
     wmtp_runs.release_run_locks()
 
 
+def test_a_lock_holding_our_own_token_is_ours(s3, boto, monkeypatch):
+    """A create whose answer was lost lands; the retry's 412 must not make it someone else's."""
+    import uuid
+
+    token = uuid.UUID(int=7)
+    monkeypatch.setattr(wmtp_runs.uuid, "uuid4", lambda: token)
+    boto.put_object(Bucket=BUCKET, Key="run/.lock", Body=json.dumps({"token": token.hex}))
+    assert wmtp_runs.lock_run_dir(f"{s3}/run") is None
+    wmtp_runs.release_run_locks()
+    assert "Contents" not in boto.list_objects_v2(Bucket=BUCKET)
+
+
 # ---------------------------------------------------------------------------------------------
 # the second S3 implementation itself, where it is installed
 
