@@ -65,14 +65,19 @@ def _package_path(p: str) -> str:
     return os.path.join(folder, rel)
 
 
+OLD_MBPP = "pkg:wmtp/data/mbpp"  # where the kit's MBPP was (a top-level `data` package)
+
+
 def resolve(path: str | os.PathLike) -> tuple[str, str]:
     """Return ("s3", "s3://bucket/key") or ("local", absolute path); other schemes are an error.
 
     `pkg:<package>/<rel>` names a file shipped inside an installed package (its folder) or beside
-    a top-level module (`pkg:wmtp/data/mbpp` is the kit's own copy of MBPP)."""
+    a top-level module (`pkg:wmtp_mbpp` is the kit's own copy of MBPP)."""
     p = os.fspath(path)
     if not isinstance(p, str) or not p:
         raise ValueError(f"not a path: {path!r}")
+    if p == OLD_MBPP or p.startswith(OLD_MBPP + "/"):  # configs written before MBPP moved
+        p = "pkg:wmtp_mbpp" + p[len(OLD_MBPP) :]
     if p.startswith("pkg:"):
         return "local", os.path.abspath(_package_path(p))
     scheme = urlparse(p).scheme if "://" in p else ""
@@ -376,8 +381,8 @@ def _put_bounded(fs, uri: str, method: str, data: bytes | memoryview, params: di
                     raise
         label = _s3_endpoint_label()
         raise ConnectionError(
-            f"{uri}: the S3 endpoint ({label}) did not take a {method} in {tries} tries: "
-            f"{_slow_why(len(data), limit, writing=True)}; s3.retries: {tries - 1}"
+            f"{uri}: {method} to the S3 endpoint ({label}) did not finish in {tries} tries: "
+            f"{_slow_why(len(data), limit, writing=True)} (s3.retries: {tries - 1})"
         )
 
     return sync(fs.loop, send)
@@ -993,7 +998,15 @@ def iter_records(path: str, *, max_record: int = MAX_RECORD) -> Iterator[dict]:
 def _json_array_records(p: str, raw, max_record: int) -> Iterator[dict]:
     """The objects of a top-level JSON array, decoded one at a time from a bounded window of the
     file (the window holds one record and at most JSON_CHUNK characters more)."""
-    text, scan = codecs.getincrementaldecoder("utf-8")(), json.JSONDecoder()
+
+    def no_constant(name: str):
+        raise ValueError(f"{p}: not valid JSON ({name} is no JSON number)")
+
+    # NaN and Infinity are refused, as msgspec refuses them in .jsonl
+    text, scan = (
+        codecs.getincrementaldecoder("utf-8")(),
+        json.JSONDecoder(parse_constant=no_constant),
+    )
     buf, pos, eof = "", 0, False
 
     def fill(n: int) -> None:

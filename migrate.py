@@ -568,33 +568,6 @@ def verify_s3(uri: str) -> list[tuple[str, bool | None, str]]:
         io_stream.write_bytes(payload, small)
         return f"{len(payload)} bytes to {small}"
 
-    def check_get() -> str:
-        # straight from the endpoint first: what it makes of Range, before the kit's own checks
-        data, answer = io_stream.s3_get(small, Range="bytes=100-299")
-        status, got = answer["ResponseMetadata"].get("HTTPStatusCode"), answer.get("ContentRange")
-        if status != 206 or got != f"bytes 100-299/{len(payload)}":
-            raise ValueError(
-                f"{small}: asked for bytes 100-299, got {status} with "
-                f"{f'Content-Range {got}' if got else 'no Content-Range'} and {len(data)} bytes: "
-                "the endpoint ignores Range, and the kit refuses every partial read from it"
-            )
-        with io_stream.open_stream(small) as f:
-            f.seek(100)
-            kit = f.read(200)
-        if data != payload[100:300] or kit != payload[100:300]:
-            raise ValueError(f"{small}: bytes 100-299 read back wrong")
-        return f"206, Content-Range {got}, bytes 100-299 match"
-
-    def check_if_match_get() -> str:
-        _, answer = io_stream.s3_get(small, IfMatch=STALE_ETAG)
-        status = answer["ResponseMetadata"].get("HTTPStatusCode")
-        if status == 412:
-            return "honoured: a GET at a stale ETag was refused (412)"
-        raise Ignored(
-            f"ignored: a GET at a stale ETag answered {status}; the kit checks every answer's "
-            "ETag itself, so an object replaced mid-read still fails"
-        )
-
     def check_multipart() -> str:
         first, tail = bytes(range(256)) * (PART // 256), b"wmtp" * 256
         with io_stream.open_stream(big, "wb", block_size=PART) as f:
@@ -609,25 +582,6 @@ def verify_s3(uri: str) -> list[tuple[str, bool | None, str]]:
         parts = etag.rpartition("-")[2] if "-" in etag else "?"
         return f"{PART + len(tail)} bytes in {parts} parts"
 
-    locks = "run locks here cannot keep two trainers apart, and the trainers refuse them"
-
-    def check_if_none_match() -> str:
-        if io_stream.s3_put_if(cond, payload) is None:
-            raise ValueError(f"{cond}: a PUT with If-None-Match: * to a new key was refused")
-        if io_stream.s3_put_if(cond, payload) is not None:
-            raise ValueError(
-                f"{cond}: ignored: a second PUT with If-None-Match: * overwrote the object; {locks}"
-            )
-        return "honoured: a second create of the same key was refused"
-
-    def check_if_match_put() -> str:
-        if io_stream.s3_put_if(cond, payload, STALE_ETAG) is not None:
-            raise ValueError(f"{cond}: ignored: a PUT at a stale If-Match ETag was taken; {locks}")
-        _, answer = io_stream.s3_get(cond)
-        if io_stream.s3_put_if(cond, payload, answer.get("ETag")) is None:
-            raise ValueError(f"{cond}: a PUT with If-Match: its own ETag was refused")
-        return "honoured: a replace at a stale ETag was refused, one at the current ETag taken"
-
     def check_delete() -> str:
         written = [p for p in (small, big, cond) if io_stream.exists(p)]
         if not written:
@@ -641,11 +595,11 @@ def verify_s3(uri: str) -> list[tuple[str, bool | None, str]]:
     try:
         step("list", check_list)
         step("put", check_put)
-        step("get (ranged)", check_get)
-        step("if-match get", check_if_match_get)
+        step("get (ranged)", lambda: check_ranged_get(small, payload))
+        step("if-match get", lambda: check_if_match_get(small))
         step("multipart put", check_multipart)
-        step("if-none-match put", check_if_none_match)
-        step("if-match put", check_if_match_put)
+        step("if-none-match put", lambda: check_if_none_match(cond, payload))
+        step("if-match put", lambda: check_if_match_put(cond, payload))
         step("delete", check_delete)
     finally:
         wrote = any(ok for name, ok, _ in results if name.endswith("put"))
@@ -655,6 +609,61 @@ def verify_s3(uri: str) -> list[tuple[str, bool | None, str]]:
             except Exception as exc:
                 results.append(("cleanup", False, f"probe objects may remain under {probe}: {exc}"))
     return results
+
+
+def check_ranged_get(uri: str, payload: bytes) -> str:
+    """verify-s3: bytes 100-299 of the probe object, straight from the endpoint (what it makes of
+    Range, before the kit's own checks) and through the kit."""
+    data, answer = io_stream.s3_get(uri, Range="bytes=100-299")
+    status, got = answer["ResponseMetadata"].get("HTTPStatusCode"), answer.get("ContentRange")
+    if status != 206 or got != f"bytes 100-299/{len(payload)}":
+        raise ValueError(
+            f"{uri}: asked for bytes 100-299, got {status} with "
+            f"{f'Content-Range {got}' if got else 'no Content-Range'} and {len(data)} bytes: "
+            "the endpoint ignores Range, and the kit refuses every partial read from it"
+        )
+    with io_stream.open_stream(uri) as f:
+        f.seek(100)
+        kit = f.read(200)
+    if data != payload[100:300] or kit != payload[100:300]:
+        raise ValueError(f"{uri}: bytes 100-299 read back wrong")
+    return f"206, Content-Range {got}, bytes 100-299 match"
+
+
+def check_if_match_get(uri: str) -> str:
+    """verify-s3: a GET at a stale ETag must be refused (412); Ignored (WARN) when it is not."""
+    _, answer = io_stream.s3_get(uri, IfMatch=STALE_ETAG)
+    status = answer["ResponseMetadata"].get("HTTPStatusCode")
+    if status == 412:
+        return "honoured: a GET at a stale ETag was refused (412)"
+    raise Ignored(
+        f"ignored: a GET at a stale ETag answered {status}; the kit checks every answer's "
+        "ETag itself, so an object replaced mid-read still fails"
+    )
+
+
+LOCKS = "run locks here cannot keep two trainers apart, and the trainers refuse them"
+
+
+def check_if_none_match(uri: str, payload: bytes) -> str:
+    """verify-s3: PUT If-None-Match: * creates a new key, and is refused for an existing one."""
+    if io_stream.s3_put_if(uri, payload) is None:
+        raise ValueError(f"{uri}: a PUT with If-None-Match: * to a new key was refused")
+    if io_stream.s3_put_if(uri, payload) is not None:
+        raise ValueError(
+            f"{uri}: ignored: a second PUT with If-None-Match: * overwrote the object; {LOCKS}"
+        )
+    return "honoured: a second create of the same key was refused"
+
+
+def check_if_match_put(uri: str, payload: bytes) -> str:
+    """verify-s3: PUT If-Match is refused at a stale ETag and taken at the object's own."""
+    if io_stream.s3_put_if(uri, payload, STALE_ETAG) is not None:
+        raise ValueError(f"{uri}: ignored: a PUT at a stale If-Match ETag was taken; {LOCKS}")
+    _, answer = io_stream.s3_get(uri)
+    if io_stream.s3_put_if(uri, payload, answer.get("ETag")) is None:
+        raise ValueError(f"{uri}: a PUT with If-Match: its own ETag was refused")
+    return "honoured: a replace at a stale ETag was refused, one at the current ETag taken"
 
 
 # ---------------------------------------------------------------------------------------------
