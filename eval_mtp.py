@@ -1,8 +1,15 @@
-"""Evaluate a trained model: pass@k on HumanEval and MBPP test, samples and metrics to MLflow.
+"""Evaluate a trained model: pass@k with intervals on HumanEval and MBPP test, as an MLflow run of its own.
 
-python eval_mtp.py [--model PATH|runs:/<run_id>/model|models:/<name>/<version>]
-    [--data humaneval mbpp] [--n 1] [--k 1] [--temperature 0] [--limit N] [--workers W]
-    [--run-id ID] [--out PATH] [--config config.yaml] [--set eval.key=value ...]
+python eval_mtp.py [--model PATH|<run>/step_N|runs:/<run_id>/model|models:/<name>/<version>]
+    [--samples samples.jsonl] [--data humaneval mbpp] [--n 1] [--k 1] [--temperature 0]
+    [--limit N] [--workers W] [--speculative] [--run-id ID] [--out DIR] [--quiet]
+    [--config config.yaml] [--set eval.key=value ...]
+
+Each call is a new MLflow run `eval-<model run name>-<UTC time>`, a child of the training run that
+made the model (which it never modifies but for the tag `latest_eval`). Its folder (--out, or
+<run>/eval/<label>-<UTC time>) holds settings.json, samples.jsonl (one line per checked sample)
+and results.json; run again with the same --out, an interrupted evaluation keeps its finished
+samples and generates the rest. --samples re-scores saved completions without a model.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from wmtp_cli import run_cli  # the functions import torch & co.: --help answers at once
+from wmtp_cli import run_cli
 
 FLAGS = {  # CLI flag -> eval.<key> (the config's eval: section holds the defaults)
     "data": "datasets",
@@ -32,8 +39,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default="config.yaml", help="config file, local or s3://")
     p.add_argument(
         "--model",
-        help="model folder (local or s3://), runs:/ or models:/ URI (default: newest final/)",
+        help="model folder (local or s3://), a checkpoint <run>/step_N, runs:/ or models:/ URI "
+        "(default: the newest <run>/final)",
     )
+    p.add_argument("--samples", help="re-score this samples.jsonl (no model is loaded)")
     p.add_argument("--data", nargs="+", metavar="NAME", help="datasets from paths.datasets")
     p.add_argument("--n", type=int, help="samples per problem")
     p.add_argument("--k", type=int, nargs="+", help="pass@k for each k (k <= n)")
@@ -49,9 +58,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="greedy decoding drafted by the MTP heads (same text, fewer forwards)",
     )
-    p.add_argument("--run-id", dest="run_id", help="MLflow run to log into (default: the model's)")
-    p.add_argument("--out", help="folder for samples.jsonl (default: eval/ beside the model)")
+    p.add_argument("--run-id", dest="run_id", help="the training run this evaluation belongs to")
+    p.add_argument("--out", help="the evaluation's folder (an interrupted one there continues)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, no summary")
     args = p.parse_args(argv)
     for flag, key in FLAGS.items():
         value = getattr(args, flag)
@@ -60,12 +70,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+if __name__ == "__main__":  # --help and a bad flag answer before torch & co. are imported
+    parse_args(None)
+
+import hashlib  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import mlflow  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import io_stream  # noqa: E402
+from wmtp import Config, ConfigError, redact  # noqa: E402
+from wmtp_data import dataset_file  # noqa: E402
+from wmtp_eval import evaluate, load_problems, score  # noqa: E402
+from wmtp_model import MTP_JSON, detect_format, load_model, load_tokenizer  # noqa: E402
+from wmtp_runs import artifact_uri, mlflow_connect, mlflow_start, resolve_mlflow_uri  # noqa: E402
+from wmtp_stats import pass_at_k, pass_at_k_interval  # noqa: E402
+from wmtp_train import load_checkpoint_model, setup  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# Which model, which training run
+
+
 def newest_final(root: str) -> str:
     """The most recently saved complete <run>/final/ under the checkpoints root."""
-    import io_stream
-    from wmtp import ConfigError
-    from wmtp_model import MTP_JSON
-
     found = []
     for run in io_stream.list_dir(root):
         marker = io_stream.join(root, run, "final", MTP_JSON)
@@ -82,11 +113,7 @@ def newest_final(root: str) -> str:
 
 def run_of(model: str, path: str) -> str | None:
     """The MLflow run that produced the model: from a runs:/ or models:/ URI, the training run's
-    `final_model` tag, or the manifest of a checkpoint beside the folder; None if none is known."""
-    import mlflow
-
-    import io_stream
-
+    `final_model` tag, or the manifest of a checkpoint in or beside the folder; None if unknown."""
     if model.startswith("runs:/"):
         return model[len("runs:/") :].split("/")[0]
     if model.startswith("models:/"):
@@ -99,42 +126,281 @@ def run_of(model: str, path: str) -> str | None:
     )
     if runs:
         return runs[0].info.run_id
-    ckpt = io_stream.latest_ckpt(path.rsplit("/", 1)[0])
-    if ckpt is None:
+    manifest = io_stream.join(path, io_stream.MANIFEST)
+    if not io_stream.exists(manifest):
+        ckpt = io_stream.latest_ckpt(path.rsplit("/", 1)[0])
+        if ckpt is None:
+            return None
+        manifest = io_stream.join(ckpt, io_stream.MANIFEST)
+    return json.loads(io_stream.read_bytes(manifest))["state"].get("mlflow_run_id")
+
+
+def existing_run(run_id: str | None):
+    """The MLflow run with that id, or None (e.g. a model copied from another tracking server)."""
+    if run_id is None:
         return None
-    state = json.loads(io_stream.read_bytes(io_stream.join(ckpt, io_stream.MANIFEST)))["state"]
-    return state.get("mlflow_run_id")
+    try:
+        return mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
 
 
-def last_step(run_id: str) -> int:
-    """The training run's last logged step (0 if it logged no loss): evaluation metrics go there."""
-    import mlflow
+def open_model(cfg: Config, model_arg: str) -> tuple:
+    """(model, tokenizer, path, step, label) of --model: a final/ or HF folder, a checkpoint
+    <run>/step_N (its model restored from the train state), or a runs:/ / models:/ URI. `label`
+    names it in the default output folder (a models:/ URI keeps its version)."""
+    label = "model"
+    if model_arg.startswith(("runs:/", "models:/")):
+        mlflow_connect(cfg)
+        try:
+            path = resolve_mlflow_uri(model_arg)
+        except mlflow.exceptions.MlflowException as exc:
+            raise ConfigError(f"--model {model_arg}: {str(exc).splitlines()[0]}") from None
+        if model_arg.startswith("models:/"):
+            label = "-v".join(model_arg[len("models:/") :].split("/")[:2])
+    else:
+        path = io_stream.resolve(model_arg)[1]
+    names = io_stream.list_dir(path)
+    if not names:
+        raise ConfigError(f"--model {model_arg}: no such model folder ({path})")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if io_stream.MANIFEST in names:  # a training checkpoint
+        tokenizer, model, step = load_checkpoint_model(path)
+        return model.to(device).eval(), tokenizer, path, step, path.rstrip("/").rsplit("/", 1)[-1]
+    try:
+        fmt = detect_format(path, names)
+    except ValueError as exc:
+        raise ConfigError(f"--model {model_arg}: {exc}") from None
+    model = load_model(path, kind="causal" if fmt == "hf" else "mtp", device=device)
+    if label == "model":
+        label = path.rstrip("/").rsplit("/", 1)[-1]
+    return model, load_tokenizer(path), path, None, label
 
-    history = mlflow.MlflowClient().get_metric_history(run_id, "loss")
-    return max((m.step for m in history), default=0)
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation's folder: settings, samples kept across an interruption, results
 
 
-def copy_stream(src: str, dst: str) -> None:
-    """Copy a file between local paths and S3 in bounded blocks."""
-    import io_stream
+def settings_of(cfg: Config, model: str, step: int | None, speculative: bool) -> dict:
+    """Everything that decides the numbers: datasets (with each problem file's sha256), sampling,
+    limits, the model and its step."""
+    e = cfg.eval
+    files = {name: dataset_file(cfg.paths.datasets[name], e.split) for name in e.datasets}
+    return {
+        "datasets": list(e.datasets),
+        "split": e.split,
+        "sha256": {name: file_sha256(file) for name, file in files.items()},
+        "n": e.n,
+        "k": sorted(set(e.k)),
+        "temperature": e.temperature,
+        "top_p": e.top_p,
+        "max_new_tokens": e.max_new_tokens,
+        "limit": e.limit,
+        "seed": e.seed,
+        "speculative": speculative,
+        "compile": cfg.decode.compile,
+        "timeout": e.timeout,
+        "model": redact(model),
+        "step": step,
+    }
 
-    with io_stream.open_stream(src, "rb") as fin, io_stream.open_stream(dst, "wb") as fout:
-        while block := fin.read(8 * 2**20):
-            fout.write(block)
+
+def file_sha256(path: str) -> str:
+    """sha256 of a local or S3 file, read in bounded blocks."""
+    digest = hashlib.sha256()
+    with io_stream.open_stream(path, "rb") as f:
+        while block := f.read(8 * 2**20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def kept_samples(out: str, settings: dict) -> dict[tuple[str, str], list[dict]]:
+    """The samples an interrupted evaluation in `out` finished, by (dataset, task id), when its
+    settings are these; {} for a new folder. Different settings are refused."""
+    saved = io_stream.join(out, "settings.json")
+    if not io_stream.exists(saved):
+        return {}
+    old = json.loads(io_stream.read_bytes(saved))
+    same_tokens = ("model", "step", "compile")  # compiled decoding gives the eager path's tokens
+    differ = [k for k in settings if k not in same_tokens and old.get(k) != settings[k]]
+    if differ:
+        raise ConfigError(
+            f"--out {out}: holds an evaluation with other settings ({', '.join(differ)}); "
+            "choose another --out"
+        )
+    kept: dict[tuple[str, str], list[dict]] = {}
+    samples = io_stream.join(out, "samples.jsonl")
+    if io_stream.exists(samples):
+        try:
+            for rec in io_stream.iter_records(samples):
+                kept.setdefault((rec["dataset"], rec["task_id"]), []).append(rec)
+        except ValueError:  # the line being written when it stopped
+            pass
+    return {key: recs for key, recs in kept.items() if len(recs) == settings["n"]}
+
+
+def read_samples(path: str) -> dict[str, dict[str, list[dict]]]:
+    """{dataset: {task id: [sample records in sample order]}} of a samples.jsonl."""
+    out: dict[str, dict[str, list[dict]]] = {}
+    for rec in io_stream.iter_records(path):
+        for key in ("dataset", "task_id", "sample", "completion"):
+            if key not in rec:
+                raise ValueError(
+                    f"{path}: a sample without {key!r}: not an eval_mtp.py samples file"
+                )
+        out.setdefault(rec["dataset"], {}).setdefault(rec["task_id"], []).append(rec)
+    for tasks in out.values():
+        for recs in tasks.values():
+            recs.sort(key=lambda r: r["sample"])
+    return out
+
+
+def summarize(counts: dict[str, tuple[int, int]], ks: list[int], seed: int) -> dict:
+    """results.json's entry for one dataset: problems, samples, pass@k, its 95% interval and
+    each problem's (n, correct)."""
+    values = list(counts.values())
+    return {
+        "problems": len(counts),
+        "samples": sum(n for n, _ in values),
+        "pass@k": {
+            str(k): sum(pass_at_k(n, c, k) for n, c in values) / max(len(values), 1) for k in ks
+        },
+        "interval": {str(k): list(pass_at_k_interval(values, k, seed=seed)) for k in ks},
+        "per_problem": {task: [n, c] for task, (n, c) in counts.items()},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def start_eval_run(cfg: Config, parent, label: str, settings: dict):
+    """A new MLflow run `eval-<model run name>-<UTC time>`: a child of the training run (in its
+    experiment, `mlflow.parentRunId`) with that run's algo and seed tags, or stand-alone."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    if parent is not None:
+        name = f"eval-{parent.info.run_name}-{stamp}"
+        tags = {"mlflow.parentRunId": parent.info.run_id, "eval_of": parent.info.run_id}
+        tags |= {k: parent.data.tags[k] for k in ("algo", "seed", "stage") if k in parent.data.tags}
+        tags["stage"] = "eval"
+        run = mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=name, tags=tags)
+    else:
+        run = mlflow_start(cfg, f"eval-{label}-{stamp}", log_config=False)
+        mlflow.set_tag("stage", "eval")
+    params = {k: v for k, v in settings.items() if k != "sha256"}
+    params |= {f"sha256/{name}": digest for name, digest in settings["sha256"].items()}
+    mlflow.log_params(
+        {k: json.dumps(v) if not isinstance(v, str) else v for k, v in params.items()}
+    )
+    return run
+
+
+def print_table(results: dict, ks: list[int]) -> None:
+    """One row per dataset: problems, samples, pass@k [95% interval] for each k."""
+    for name, r in results.items():
+        cells = "  ".join(
+            f"pass@{k} {r['pass@k'][str(k)]:.4f} [{r['interval'][str(k)][0]:.4f}, "
+            f"{r['interval'][str(k)][1]:.4f}]"
+            for k in ks
+        )
+        print(f"{name:<12} {r['problems']:>4} problems {r['samples']:>5} samples  {cells}")
+
+
+def log_results(results: dict, ks: list[int], decode_stats: dict, out: str) -> None:
+    """Metrics pass_at_<k>/<dataset> with their interval, decoding statistics, and the folder's
+    samples.jsonl and results.json as artifacts of the active run."""
+    metrics = {}
+    for name, r in results.items():
+        for k in ks:
+            lo, hi = r["interval"][str(k)]
+            metrics[f"pass_at_{k}/{name}"] = r["pass@k"][str(k)]
+            metrics[f"pass_at_{k}_ci_low/{name}"] = lo
+            metrics[f"pass_at_{k}_ci_high/{name}"] = hi
+    if decode_stats:
+        metrics["decode/tokens_per_forward"] = decode_stats["tokens_per_forward"]
+        rates = decode_stats["head_acceptance"]
+        metrics |= {f"decode/head{j + 1}_acceptance": rate for j, rate in enumerate(rates)}
+    mlflow.log_metrics(metrics)
+    for file in ("samples.jsonl", "results.json"):
+        src = io_stream.join(out, file)
+        if io_stream.resolve(src)[0] == "local":
+            mlflow.log_artifact(src)
+        elif (art := artifact_uri(file)) is not None:
+            with io_stream.open_stream(src, "rb") as fin, io_stream.open_stream(art, "wb") as fout:
+                while block := fin.read(8 * 2**20):
+                    fout.write(block)
+
+
+def evaluate_all(cfg: Config, model, tokenizer, out: str, settings: dict, quiet: bool) -> tuple:
+    """Generate and check every dataset's samples (keeping those an interrupted run in `out`
+    finished), writing samples.jsonl as they come; returns ({dataset: counts}, decode stats)."""
+    e = cfg.eval
+    kept = kept_samples(out, settings)
+    io_stream.write_bytes(
+        json.dumps(settings, indent=1).encode(), io_stream.join(out, "settings.json")
+    )
+    counts: dict[str, dict[str, tuple[int, int]]] = {}
+    decode_stats: dict = {}
+    with io_stream.open_stream(io_stream.join(out, "samples.jsonl"), "wb") as f:
+        for name in e.datasets:
+            done = {task: recs for (ds, task), recs in kept.items() if ds == name}
+            counts[name] = {t: (len(r), sum(x["passed"] for x in r)) for t, r in done.items()}
+            for recs in done.values():
+                for rec in recs:
+                    f.write((json.dumps(rec) + "\n").encode())
+            _, problems = load_problems(cfg.paths.datasets[name], e.split, e.limit)
+            todo = len(problems) - len(done)
+            gen = tqdm(total=todo, desc=f"generate {name}", disable=quiet, leave=False)
+            run = tqdm(total=todo * e.n, desc=f"check {name}", disable=quiet, leave=False)
+
+            def write(sample: dict, name: str = name, run: tqdm = run) -> None:
+                f.write((json.dumps({"dataset": name} | sample) + "\n").encode())
+                run.update(1)
+
+            result = evaluate(
+                model, tokenizer, cfg.paths.datasets[name], split=e.split, n=e.n, k=e.k,
+                temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
+                limit=e.limit, workers=e.workers, timeout=e.timeout, seed=e.seed,
+                batch_size=e.batch_size, on_result=write, speculative=settings["speculative"],
+                decode_stats=decode_stats, skip=set(done), on_generated=gen.update,
+                compile=cfg.decode.compile,
+            )  # fmt: skip
+            gen.close()
+            run.close()
+            counts[name] |= result["problems"]
+    return counts, decode_stats
+
+
+def rescore(cfg: Config, samples: str, out: str, quiet: bool) -> dict[str, dict]:
+    """Check saved completions again (no model): {dataset: counts}; samples.jsonl rewritten in `out`."""
+    e = cfg.eval
+    saved = read_samples(samples)
+    counts = {}
+    with io_stream.open_stream(io_stream.join(out, "samples.jsonl"), "wb") as f:
+        for name, tasks in saved.items():
+            if name not in cfg.paths.datasets:
+                raise ConfigError(f"--samples {samples}: dataset {name!r} is not in paths.datasets")
+            _, problems = load_problems(cfg.paths.datasets[name], e.split)
+            by_id = {p.id: p for p in problems}
+            missing = sorted(set(tasks) - set(by_id))
+            if missing:
+                raise ConfigError(f"--samples {samples}: {name} has no problem {missing[0]!r}")
+            bar = tqdm(total=sum(map(len, tasks.values())), desc=f"check {name}", disable=quiet)
+
+            def write(sample: dict, name: str = name, bar: tqdm = bar) -> None:
+                f.write((json.dumps({"dataset": name} | sample) + "\n").encode())
+                bar.update(1)
+
+            pairs = ((by_id[t], [r["completion"] for r in recs]) for t, recs in tasks.items())
+            result = score(pairs, k=e.k, workers=e.workers, timeout=e.timeout, on_result=write)
+            bar.close()
+            counts[name] = result["problems"]
+    return counts
 
 
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
     args = parse_args(argv)
-    import mlflow
-    import torch
-
-    import io_stream
-    from wmtp import ConfigError
-    from wmtp_model import detect_format, load_model, load_tokenizer
-    from wmtp_runs import mlflow_connect, mlflow_start, resolve_mlflow_uri
-    from wmtp_train import setup
-
     cfg = setup(args)
     e = cfg.eval
     for name in e.datasets:
@@ -142,123 +408,58 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(
                 f"--data {name}: not in paths.datasets ({', '.join(cfg.paths.datasets)})"
             )
-    model_arg = args.model or newest_final(cfg.paths.checkpoints)
-    if model_arg.startswith(("runs:/", "models:/")):
-        mlflow_connect(cfg)
-        try:
-            path = resolve_mlflow_uri(model_arg)
-        except mlflow.exceptions.MlflowException as exc:
-            raise ConfigError(f"--model {model_arg}: {str(exc).splitlines()[0]}") from None
-        out = args.out or io_stream.join(cfg.paths.checkpoints, "eval", model_arg.split("/")[1])
-    else:
-        path = io_stream.resolve(model_arg)[1]
-        out = args.out or io_stream.join(path.rsplit("/", 1)[0], "eval")
-    names = io_stream.list_dir(path)
-    if not names:
-        raise ConfigError(f"--model {model_arg}: no such model folder ({path})")
-    try:
-        fmt = detect_format(path, names)
-    except ValueError as exc:
-        raise ConfigError(f"--model {model_arg}: {exc}") from None
-
     mlflow_connect(cfg)
-    run_id = args.run_id
-    if run_id is not None:
-        try:
-            mlflow.MlflowClient().get_run(run_id)
-        except mlflow.exceptions.MlflowException:
-            raise ConfigError(f"--run-id {run_id}: no such MLflow run") from None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    if args.samples:
+        model = tokenizer = step = None
+        path, label = args.samples, "samples"
+        parent = existing_run(args.run_id)
+        out = args.out or io_stream.join(
+            os.path.dirname(io_stream.resolve(args.samples)[1]), f"rescore-{stamp}"
+        )
     else:
-        run_id = run_of(model_arg, path)
-        if run_id is not None:
-            try:
-                mlflow.MlflowClient().get_run(run_id)
-            except mlflow.exceptions.MlflowException:
-                run_id = None  # a model copied from another tracking server
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(path, kind="causal" if fmt == "hf" else "mtp", device=device)
-    tokenizer = load_tokenizer(path)
-    step = last_step(run_id) if run_id else 0
-    if run_id:
-        mlflow.start_run(run_id=run_id)
-    else:
-        parts = path.rstrip("/").rsplit("/", 2)  # <run>/final, or any folder
-        mlflow_start(cfg, f"eval-{parts[-2] if parts[-1] == 'final' else parts[-1]}")
+        model_arg = args.model or newest_final(cfg.paths.checkpoints)
+        model, tokenizer, path, step, label = open_model(cfg, model_arg)
+        parent = existing_run(args.run_id or run_of(model_arg, path))
+        if args.run_id and parent is None:
+            raise ConfigError(f"--run-id {args.run_id}: no such MLflow run")
+        out = args.out or io_stream.join(
+            path.rstrip("/").rsplit("/", 1)[0], "eval", f"{label}-{stamp}"
+        )
+    if step is None and parent is not None:
+        history = mlflow.MlflowClient().get_metric_history(parent.info.run_id, "loss")
+        step = max((m.step for m in history), default=0)
+    settings = settings_of(cfg, path, step, args.speculative)
+    run = start_eval_run(cfg, parent, label, settings)
     try:
-        evaluate_into_run(cfg, model, tokenizer, path, out, step, args.speculative)
-    except BaseException:
-        mlflow.end_run("FINISHED" if run_id else "FAILED")  # a training run keeps its status
+        if args.samples:
+            counts, decode_stats = rescore(cfg, args.samples, out, args.quiet), {}
+            mlflow.log_param("samples", redact(args.samples))
+        else:
+            counts, decode_stats = evaluate_all(cfg, model, tokenizer, out, settings, args.quiet)
+        ks = settings["k"]
+        results = {name: summarize(c, ks, e.seed) for name, c in counts.items()}
+        doc = {"settings": settings, "datasets": results, "run_id": run.info.run_id}
+        io_stream.write_bytes(
+            json.dumps(doc, indent=1).encode(), io_stream.join(out, "results.json")
+        )
+        log_results(results, ks, decode_stats, out)
+        mlflow.set_tags({"eval_out": redact(out), "eval_model": redact(path)})
+    except BaseException as exc:
+        mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     mlflow.end_run()
-
-
-def evaluate_into_run(
-    cfg, model, tokenizer, path: str, out: str, step: int, speculative: bool = False
-) -> None:
-    """Evaluate on every eval dataset; samples.jsonl to `out`, table to stdout, metrics and the
-    samples to the active MLflow run. With `speculative`, also the decoding statistics."""
-    import mlflow
-
-    import io_stream
-    from wmtp_eval import evaluate
-    from wmtp_runs import artifact_uri
-
-    e = cfg.eval
-    mlflow.set_tags({"eval_model": path, "eval_out": out})
-    samples = io_stream.join(out, "samples.jsonl")
-    results = {}
-    decode_stats: dict = {}
-    with io_stream.open_stream(samples, "wb") as f:
-        for name in e.datasets:
-
-            def write(sample: dict, name: str = name) -> None:
-                f.write((json.dumps({"dataset": name} | sample) + "\n").encode())
-
-            results[name] = evaluate(
-                model,
-                tokenizer,
-                cfg.paths.datasets[name],
-                split=e.split,
-                n=e.n,
-                k=e.k,
-                temperature=e.temperature,
-                top_p=e.top_p,
-                max_new_tokens=e.max_new_tokens,
-                limit=e.limit,
-                workers=e.workers,
-                timeout=e.timeout,
-                seed=e.seed,
-                batch_size=e.batch_size,
-                on_result=write,
-                speculative=speculative,
-                decode_stats=decode_stats,
+    if parent is not None:  # the one change to the training run: which evaluation is its newest
+        mlflow.MlflowClient().set_tag(parent.info.run_id, "latest_eval", run.info.run_id)
+    print_table(results, ks)
+    if not args.quiet:
+        if decode_stats:
+            rates = decode_stats["head_acceptance"]
+            print(
+                f"speculative decoding: {decode_stats['tokens_per_forward']:.2f} tokens per forward; "
+                "acceptance " + ", ".join(f"head {j + 1} {r:.2f}" for j, r in enumerate(rates))
             )
-
-    ks = sorted(set(e.k))
-    print(
-        f"{'dataset':<12}{'problems':>9}{'samples':>9}" + "".join(f"{f'pass@{k}':>9}" for k in ks)
-    )
-    for name, r in results.items():
-        n_problems = len(r["problems"])
-        n_samples = sum(n for n, _ in r["problems"].values())
-        row = "".join(f"{r['pass@k'][k]:>9.4f}" for k in ks)
-        print(f"{name:<12}{n_problems:>9}{n_samples:>9}{row}")
-    print(f"samples: {samples}")
-    metrics = {f"pass_at_{k}/{name}": r["pass@k"][k] for name, r in results.items() for k in ks}
-    if decode_stats:
-        rates = decode_stats["head_acceptance"]
-        print(
-            f"speculative decoding: {decode_stats['tokens_per_forward']:.2f} tokens per forward; "
-            "acceptance " + ", ".join(f"head {j + 1} {rate:.2f}" for j, rate in enumerate(rates))
-        )
-        metrics["decode/tokens_per_forward"] = decode_stats["tokens_per_forward"]
-        metrics |= {f"decode/head{j + 1}_acceptance": rate for j, rate in enumerate(rates)}
-    mlflow.log_metrics(metrics, step=step)
-    if io_stream.resolve(samples)[0] == "local":
-        mlflow.log_artifact(samples, "eval")
-    elif (art := artifact_uri("eval")) is not None:
-        copy_stream(samples, io_stream.join(art, "samples.jsonl"))
+        print(f"eval run {run.info.run_id}; samples and results in {redact(out)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

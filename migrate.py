@@ -384,6 +384,15 @@ def build_config(configs: Sequence[str], recipes: Sequence[str] = ()) -> tuple[s
         names = [k.removeprefix("paths.datasets.") for k in datasets if k in chosen]
         chosen["data.train"] = ("default", names)
         report.append(f"  default  data.train = {_yaml_value(names)} (no recipe names its data)")
+    if "data.heldout" not in chosen:  # stage 2's held-out CE: only datasets the config names
+        names = [k.removeprefix("paths.datasets.") for k in datasets if k in chosen]
+        held = [n for n in template["data"]["heldout"] if n in names]
+        if held != template["data"]["heldout"]:
+            chosen["data.heldout"] = ("default", held)
+            report.append(
+                f"  default  data.heldout = {_yaml_value(held)} (no old dataset is "
+                f"{', '.join(template['data']['heldout'])}: name one for the held-out CE)"
+            )
     template["paths"]["datasets"] = {k.removeprefix("paths.datasets."): _ABSENT for k in datasets}
 
     header = [

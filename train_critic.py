@@ -21,6 +21,7 @@ import math  # noqa: E402
 
 import mlflow  # noqa: E402
 import torch  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import io_stream  # noqa: E402
@@ -190,7 +191,7 @@ def _train_critic(cfg: Config, accelerator) -> dict:
     stopping, logging; finish with the best head."""
     c = cfg.critic
     acc = accelerator or make_accelerator(cfg)
-    torch.manual_seed(cfg.train.seed)
+    set_seed(cfg.train.seed)  # Python, NumPy and torch (CUDA too) on every rank
     tokenizer, model, rm, head, opt = build(cfg, acc)
     main = acc.is_main_process
     run_name = run_name_for(acc, None, "critic")
@@ -198,7 +199,7 @@ def _train_critic(cfg: Config, accelerator) -> dict:
     if main:
         run = mlflow_start(cfg, run_name)
         run_id = run.info.run_id
-        mlflow.set_tags({"stage": "critic", **fallback_tags()})
+        mlflow.set_tags({"stage": "critic", "seed": cfg.train.seed, **fallback_tags()})
         models = {"base model (frozen)": model, "value head": head, "reward model": rm}
         log_startup(acc, cfg, run, models)
     best, bad, step, epoch, stop = math.inf, 0, 0, 0, False

@@ -21,6 +21,7 @@ from typing import NamedTuple  # noqa: E402
 
 import mlflow  # noqa: E402
 import torch  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import io_stream  # noqa: E402
@@ -78,6 +79,7 @@ from wmtp_runs import (  # noqa: E402
 from wmtp_train import (  # noqa: E402
     Throughput,
     batch_rewards,
+    compile_blocks,
     load_base,
     load_base_ref,
     load_frozen,
@@ -142,6 +144,8 @@ def build(cfg: Config, acc) -> tuple[Parts, dict[str, str]]:
     # The final model is saved in the stored dtype again (a bf16 7B base stays 13.5 GB, not 27).
     stored_dtype = next(model.parameters()).dtype
     model.float()
+    if t.compile:
+        compile_blocks(model)
     ref = rm = value_head = value_opt = None
     tags: dict[str, str] = {}
     if algo.startswith("rho1"):
@@ -359,10 +363,46 @@ def note_step(window: dict, sums: StepSums, grad_norm: torch.Tensor) -> torch.Te
     return loss
 
 
+def evaluate_due(
+    cfg: Config, acc, parts: Parts, step: int, window: dict, speed: Throughput
+) -> bool:
+    """After an optimizer step: the held-out CE and the periodic pass@1 when they are due, their
+    time in time/eval_s and not in tokens_per_s. Returns whether the held-out CE was computed."""
+    t, t0 = cfg.train, time.perf_counter()
+    due = step == t.max_steps or bool(t.heldout_every and step % t.heldout_every == 0)
+    heldout = bool(cfg.data.heldout) and due
+    if heldout:
+        log_heldout(cfg, acc, parts, step)
+    if cfg.eval.every and step % cfg.eval.every == 0:
+        evaluate_now(cfg, acc, parts, step)
+    note_time(window, speed, "eval_s", time.perf_counter() - t0)
+    return heldout
+
+
+def save_due(
+    cfg: Config, parts: Parts, run: dict, pos: dict, window: dict, speed: Throughput, main: bool
+) -> None:
+    """The checkpoint when it is due, its time in time/checkpoint_s (logged with the next
+    window) and not in tokens_per_s."""
+    t, t0 = cfg.train, time.perf_counter()
+    if pos["step"] % t.save_every == 0 or pos["step"] == t.max_steps:
+        save_checkpoint(cfg, parts, run, pos, main)
+    note_time(window, speed, "checkpoint_s", time.perf_counter() - t0)
+
+
+def note_time(window: dict, speed: Throughput, name: str, seconds: float) -> None:
+    """Time spent outside training steps: a time/<name> sum in the window, out of tokens_per_s."""
+    speed.exclude(seconds)
+    if seconds > 1e-3:
+        window.setdefault(f"time/{name}", []).append(seconds)
+
+
 def log_window(window: dict, step: int, sched, speed: Throughput, bar, main: bool) -> None:
-    """Means over the window (sums for examples_cut), lr and tokens/s to MLflow (rank 0)."""
+    """Means over the window (sums for examples_cut and time/*), lr and tokens/s (training steps
+    only) to MLflow (rank 0)."""
     cut = sum(window.pop("examples_cut", []))
-    metrics = {
+    spent = {k: sum(window.pop(k)) for k in [k for k in window if k.startswith("time/")]}
+    metrics = spent | {
         k: float(torch.stack([torch.as_tensor(x) for x in v]).double().mean())
         for k, v in window.items()
     }
@@ -398,6 +438,42 @@ def save_checkpoint(cfg: Config, parts: Parts, run: dict, position: dict, main: 
         prune_ckpts(run["run_dir"], t.keep_last, fallback=t.checkpoint_fallback)
         latest = {"checkpoint_latest": path, f"checkpoint_step_{step}": path}
         mlflow.set_tags({**latest, **fallback_tags()})
+
+
+def heldout_ce(cfg: Config, acc, parts: Parts) -> dict[str, float]:
+    """The number every algorithm shares: plain (unweighted) per-head CE over every valid slot of
+    data.heldout (split data.heldout_split), in eval mode without gradients, each example scored
+    once on one rank, sums reduced over all ranks; {"heldout/ce_head{k}", "heldout/ce" (their
+    mean)}. Every rank runs it (FSDP gathers shards in each forward)."""
+    H = parts.n_heads
+    sums = torch.zeros(2 * H, dtype=torch.float64, device=acc.device)  # Σ CE, slots per head
+    parts.model.eval()
+    with torch.no_grad():
+        for batch in iter_batches(
+            cfg, parts.tokenizer, cfg.train.batch_size, epoch=0, rank=acc.process_index,
+            world=acc.num_processes, shuffle=False, drop_last=False, names=cfg.data.heldout,
+            split=cfg.data.heldout_split,
+        ):  # fmt: skip
+            ids = batch["input_ids"].to(acc.device)
+            attn = batch["attention_mask"].to(acc.device)
+            labels = mtp_targets(ids, batch["loss_mask"].to(acc.device), H, attention_mask=attn)
+            _, head_ce = mtp_loss(parts.model, ids, labels, attention_mask=attn)
+            slots = (labels != IGNORE).sum((0, 1)).double()
+            sums += torch.cat([head_ce.double().nan_to_num() * slots, slots])
+    parts.model.train()
+    sums = acc.reduce(sums, "sum")
+    ce = (sums[:H] / sums[H:]).tolist()
+    return {f"heldout/ce_head{k}": v for k, v in enumerate(ce)} | {"heldout/ce": sum(ce) / H}
+
+
+def log_heldout(cfg: Config, acc, parts: Parts, step: int) -> None:
+    """heldout_ce at `step`, to MLflow (rank 0) and the log."""
+    scores = heldout_ce(cfg, acc, parts)
+    log.info(
+        "step %d: held-out CE %.4f (%s)", step, scores["heldout/ce"], ", ".join(cfg.data.heldout)
+    )
+    if acc.is_main_process:
+        mlflow.log_metrics(scores, step=step)
 
 
 def evaluate_now(cfg: Config, acc, parts: Parts, step: int) -> None:
@@ -493,6 +569,7 @@ def start_tracking(cfg: Config, acc, parts: Parts, run: dict, tags: dict, step: 
             {
                 "stage": "mtp",
                 "algo": cfg.train.algo,
+                "seed": cfg.train.seed,
                 "run_dir": run["run_dir"],
                 "world_size": acc.num_processes,
                 **tags,
@@ -534,7 +611,7 @@ def _train(cfg: Config, resume, stop_after, allow_changes, force_unlock, acceler
     t = cfg.train
     acc = accelerator or make_accelerator(cfg, t.grad_accum)
     run = open_run(cfg, acc, resume, allow_changes, force_unlock)
-    torch.manual_seed(t.seed)
+    set_seed(t.seed)  # Python, NumPy and torch (CUDA too) on every rank
     parts, tags = build(cfg, acc)
     pos = restore(cfg, parts, run)
     start_tracking(cfg, acc, parts, run, tags, pos["step"])
@@ -543,7 +620,7 @@ def _train(cfg: Config, resume, stop_after, allow_changes, force_unlock, acceler
         total=t.max_steps, initial=pos["step"], disable=not main or quiet(), desc=t.algo,
         dynamic_ncols=True,
     )  # fmt: skip
-    speed, window, losses, hist = Throughput(), {}, [], None
+    speed, window, losses, hist, heldout_at = Throughput(), {}, [], None, None
     top = cfg.critic.max_weight if t.algo == "critic" else cfg.rho1.max_weight  # weights' bound
     micro_share = acc.num_processes * t.grad_accum  # micro-batches in one step, all ranks
     parts.model.train()
@@ -577,15 +654,14 @@ def _train(cfg: Config, resume, stop_after, allow_changes, force_unlock, acceler
             step = pos["step"]
             losses.append(note_step(window, sums, grad_norm))
             bar.update(1)
+            if evaluate_due(cfg, acc, parts, step, window, speed):
+                heldout_at = step
             if step % t.log_every == 0 or step == t.max_steps:
                 log_window(window, step, parts.sched, speed, bar, main)
             if main and t.plot_every and (step % t.plot_every == 0 or step == t.max_steps):
                 log_head_plots(run["run_id"], step, parts.n_heads, hist, top)
                 hist = None
-            if cfg.eval.every and step % cfg.eval.every == 0:
-                evaluate_now(cfg, acc, parts, step)
-            if step % t.save_every == 0 or step == t.max_steps:
-                save_checkpoint(cfg, parts, run, pos, main)
+            save_due(cfg, parts, run, pos, window, speed, main)
             if stop_after is not None and step >= stop_after:  # tests: a run cut short
                 return stop(acc, bar, run, losses)
             if step >= t.max_steps:
@@ -596,7 +672,13 @@ def _train(cfg: Config, resume, stop_after, allow_changes, force_unlock, acceler
             log.info("epoch %d done: %d examples of %s", pos["epoch"], pos["examples_done"], names)
             pos["examples_done"] = 0
     bar.close()
+    if cfg.data.heldout and heldout_at != pos["step"]:  # the data ran out before max_steps
+        log_heldout(cfg, acc, parts, pos["step"])
     losses = [float(x) for x in losses]
+    if main and window:  # the last checkpoint's time
+        mlflow.log_metrics(
+            {k: sum(v) for k, v in window.items() if k.startswith("time/")}, step=pos["step"]
+        )
     finish(cfg, acc, parts, run, pos["step"], losses)
     return {"run_dir": run["run_dir"], "run_id": run["run_id"], "losses": losses}
 

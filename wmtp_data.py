@@ -272,10 +272,13 @@ def is_heldout(example_id: str, fraction: float) -> bool:
     return h % 10_000 < fraction * 10_000
 
 
-def iter_examples(cfg: Config, part: str = "all") -> Iterator[Example]:
-    """Examples of every dataset in data.train; part = all | train | heldout."""
-    for name in cfg.data.train:
-        for ex in iter_dataset(cfg.paths.datasets[name], cfg.data.split):
+def iter_examples(
+    cfg: Config, part: str = "all", *, names: list[str] | None = None, split: str | None = None
+) -> Iterator[Example]:
+    """Examples of every dataset in `names` (default data.train) from `split` (default data.split);
+    part = all | train | heldout (the critic's split of them by data.heldout_fraction)."""
+    for name in cfg.data.train if names is None else names:
+        for ex in iter_dataset(cfg.paths.datasets[name], cfg.data.split if split is None else split):
             if part == "all" or is_heldout(ex.id, cfg.data.heldout_fraction) == (part == "heldout"):
                 yield ex
 
@@ -305,6 +308,8 @@ def iter_batches(
     part: str = "all",
     shuffle: bool | None = None,
     drop_last: bool = True,
+    names: list[str] | None = None,
+    split: str | None = None,
 ) -> Iterator[dict]:
     """Collated batches for this rank: every rank gets different examples and the same batch count.
 
@@ -312,7 +317,8 @@ def iter_batches(
     is split between the ranks, and `skip_examples` skips the start of the stream (resume).
     The last incomplete group is dropped, or with drop_last=False (evaluation: every example once)
     split as evenly as the ranks allow; a rank left without an example then gets a one-example
-    batch whose loss_mask is all False, so that every rank runs the same number of forwards."""
+    batch whose loss_mask is all False, so that every rank runs the same number of forwards.
+    `names` and `split` choose other datasets than data.train's (see iter_examples)."""
 
     def make(mine: list[Example]) -> dict:
         encoded = [
@@ -325,7 +331,7 @@ def iter_batches(
             batch["label"] = torch.tensor([float(e.label) for e in mine])
         return batch
 
-    examples = iter_examples(cfg, part)
+    examples = iter_examples(cfg, part, names=names, split=split)
     if cfg.data.shuffle if shuffle is None else shuffle:
         examples = _shuffled(examples, random.Random(f"{cfg.train.seed}/{epoch}"), SHUFFLE_BUFFER)
     for _ in zip(range(skip_examples), examples):

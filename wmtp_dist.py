@@ -4,11 +4,18 @@ gathering a sharded model. Every function works on one process too (world size 1
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
+from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.utils import DistributedType, broadcast_object_list
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
 
 from wmtp_cli import LOGGER
 from wmtp_model import MTPModel
@@ -31,13 +38,28 @@ def quiet() -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # The accelerator
+#
+# train.deterministic: what a bit-exact rerun or resume on GPU needs (torchtitan's list): every op's
+# deterministic kernel (an error for an op that has none), cuBLAS with a fixed workspace (set before
+# its first handle exists), no cuDNN autotuning, and no flash-attention backward (its atomic adds
+# reorder sums); SDPA then uses the memory-efficient kernel in its deterministic mode.
+
+
+def set_determinism(deterministic: bool) -> None:
+    """Switch this process to deterministic kernels (train.deterministic); nothing when False."""
+    if not deterministic:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.enable_flash_sdp(False)
 
 
 def make_accelerator(cfg: Config, grad_accum: int = 1):
     """Accelerator with mixed precision from config (auto = bf16 on GPU, fp32 on CPU). Without a GPU,
     processes started by torchrun form a gloo group (`accelerate launch --cpu` starts only one)."""
-    from accelerate import Accelerator
-
+    set_determinism(cfg.train.deterministic)
     mp = cfg.train.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() else "no"
@@ -50,15 +72,11 @@ def make_accelerator(cfg: Config, grad_accum: int = 1):
 
 def is_fsdp(acc) -> bool:
     """True for an FSDP run (accelerate launch --config_file fsdp.yaml)."""
-    from accelerate.utils import DistributedType
-
     return acc.distributed_type == DistributedType.FSDP
 
 
 def is_sharded(model) -> bool:
     """True for an FSDP2-sharded model (its checkpoints go through torch.distributed.checkpoint)."""
-    from torch.distributed.fsdp import FSDPModule
-
     return isinstance(model, FSDPModule)
 
 
@@ -69,8 +87,6 @@ def rank0_reads_weights(acc) -> bool:
 
 def shard_frozen(acc, model):
     """FSDP2-shard a frozen model the way accelerate shards the trained one (no optimizer needed)."""
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-
     return fsdp2_prepare_model(acc, model)
 
 
@@ -79,14 +95,12 @@ def shard_frozen(acc, model):
 
 
 def rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
+    """(rank, world size) of the process group, (0, 1) without one."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
+    """Wait for every rank (nothing to wait for without a process group)."""
     if dist.is_initialized():
         dist.barrier()
 
@@ -95,8 +109,6 @@ def shared_value(acc, compute: Callable):
     """compute() on rank 0, the same value on every rank."""
     if acc.num_processes == 1:
         return compute()
-    from accelerate.utils import broadcast_object_list
-
     box = [compute() if acc.is_main_process else None]
     broadcast_object_list(box, from_process=0)
     return box[0]
@@ -106,8 +118,6 @@ def all_reduce_grads(acc, module: torch.nn.Module) -> None:
     """Average a replicated module's gradients over the ranks (for the small value head)."""
     if acc.num_processes == 1:
         return
-    import torch.distributed as dist
-
     for p in module.parameters():
         if p.grad is not None:
             dist.all_reduce(p.grad)
@@ -117,8 +127,6 @@ def all_reduce_grads(acc, module: torch.nn.Module) -> None:
 def end_distributed() -> None:
     """Leave the process group once every rank is done (a process that exits with the group's
     threads still alive can abort with "terminate called without an active exception")."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -138,8 +146,6 @@ def full_model_on_rank0(model):
     rank, _ = rank_world()
     if not is_sharded(model):
         return unwrap(model) if rank == 0 else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     sd = get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )

@@ -1,15 +1,15 @@
-"""Evaluation: completions from head 0, programs checked in a sandboxed process, pass@k.
+"""Evaluation: completions from head 0, programs checked in the sandbox (wmtp_sandbox), pass@k
+(wmtp_stats).
 
-Read top to bottom: pass@k -> the sandbox (`check_program`) -> problems and programs ->
-`generate` -> `evaluate` (all of it for one dataset) -> the trainer's periodic greedy pass@1.
+Read top to bottom: problems and programs -> `generate` -> `score` -> `evaluate` (all of it for
+one dataset) -> the trainer's periodic greedy pass@1.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import queue
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -23,6 +23,7 @@ from wmtp_data import dataset_file, iter_dataset, prompt_ids
 from wmtp_decode import greedy_decode, greedy_decode_batch  # noqa: F401 (greedy_decode re-exported)
 from wmtp_model import MTPModel, kit_key
 from wmtp_sandbox import check_program, start_sandbox, stop_sandbox
+from wmtp_stats import pass_at_k
 
 if TYPE_CHECKING:
     from wmtp import Config
@@ -34,22 +35,6 @@ STOP = {
     "humaneval": ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\nassert ", "\n#"),
     "mbpp": ("\nassert ", "\nprint(", "\nif __name__", "\n```"),
 }
-
-# ---------------------------------------------------------------------------------------------
-# pass@k
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k of Chen et al. 2021 from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
-    if not 0 <= c <= n:
-        raise ValueError(f"pass_at_k needs 0 <= c <= n, got n={n}, c={c}")
-    if not 1 <= k <= n:
-        raise ValueError(f"pass_at_k needs 1 <= k <= n, got k={k} with n={n} samples")
-    if n - c < k:
-        return 1.0
-    # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k/i): no huge binomials
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
 
 # ---------------------------------------------------------------------------------------------
 # Problems and programs
@@ -166,6 +151,7 @@ def generate(
     batch_size: int = 8,
     speculative: bool = False,
     stats: dict | None = None,
+    compile: bool = False,
 ) -> list[list[str]]:
     """n completions per prompt from head 0: greedy (temperature 0) or sampled, through
     transformers' `generate` with its KV cache, `batch_size` prompts at a time, left-padded.
@@ -177,13 +163,17 @@ def generate(
     speculative=True (an MTPModel, greedy only) decodes self-speculatively with the MTP heads
     (`wmtp_decode.greedy_decode_batch`): the same text in fewer forwards. Its statistics are
     added up into `stats` (forwards, row_forwards, tokens, proposed/accepted per extra head).
+    compile=True (greedy) decodes over a static KV cache with each step's forward compiled
+    (`wmtp_decode`, as gpt-fast does): the same text, at the speed the hardware allows.
     """
     if n > 1 and temperature == 0:
         raise ValueError(f"n={n} samples per prompt need temperature > 0 (greedy gives one)")
+    if speculative and temperature != 0:
+        raise ValueError("speculative decoding is greedy: use temperature 0")
     stop = tuple(stop)
-    if speculative:
-        return _generate_speculative(
-            model, tokenizer, prompts, max_new_tokens, stop, batch_size, temperature, stats
+    if speculative or (compile and temperature == 0):
+        return _generate_greedy(
+            model, tokenizer, prompts, max_new_tokens, stop, batch_size, speculative, compile, stats
         )
     lm = causal_lm(model)
     device = next(lm.parameters()).device
@@ -225,23 +215,24 @@ def generate(
     return out
 
 
-def _generate_speculative(
+def _generate_greedy(
     model: nn.Module,
     tokenizer,
     prompts: list[str],
     max_new_tokens: int,
     stop: tuple[str, ...],
     batch_size: int,
-    temperature: float,
+    speculative: bool,
+    compile: bool,
     stats: dict | None,
 ) -> list[list[str]]:
-    """`generate`'s greedy completions by self-speculative decoding, one per prompt. Stop strings
-    cut the text afterwards (greedy text up to a stop string does not depend on where decoding
-    stopped)."""
+    """`generate`'s greedy completions through wmtp_decode (self-speculative, or over a compiled
+    static cache), one per prompt. Stop strings cut the text afterwards (greedy text up to a stop
+    string does not depend on where decoding stopped)."""
     if not isinstance(model, MTPModel):
-        raise ValueError("speculative decoding needs an MTP model (its heads draft the tokens)")
-    if temperature != 0:
-        raise ValueError("speculative decoding is greedy: use temperature 0")
+        raise ValueError(
+            "speculative and compiled decoding need an MTP model (wmtp_decode runs its heads)"
+        )
     room = model.config.max_position_embeddings - max_new_tokens - 1
     if room < 0:
         raise ValueError(
@@ -252,10 +243,11 @@ def _generate_speculative(
     for start in range(0, len(prompts), batch_size):
         rows = [prompt_ids(tokenizer, p, room) for p in prompts[start : start + batch_size]]
         new, batch_stats = greedy_decode_batch(
-            model, rows, max_new_tokens, speculative=True, eos_id=tokenizer.eos_id
-        )
+            model, rows, max_new_tokens, speculative=speculative, eos_id=tokenizer.eos_id,
+            compile=compile,
+        )  # fmt: skip
         out += [[_completion(tokenizer, ids, stop)] for ids in new]
-        if stats is not None:
+        if stats is not None and speculative:
             add_decode_stats(stats, batch_stats)
     return out
 
@@ -363,15 +355,23 @@ def evaluate(
     on_result: Callable[[dict], None] | None = None,
     speculative: bool = False,
     decode_stats: dict | None = None,
+    skip: Collection[str] = (),
+    on_generated: Callable[[int], None] | None = None,
+    compile: bool = False,
 ) -> dict:
     """pass@k of a model on a HumanEval or MBPP dataset: prompts -> completions -> programs ->
     sandboxed checks. Returns `score`'s dict plus "kind". With `speculative`, completions come
-    from self-speculative greedy decoding and its statistics are added into `decode_stats`."""
+    from self-speculative greedy decoding and its statistics are added into `decode_stats`.
+    `skip`: ids of problems left out (an earlier, interrupted evaluation scored them);
+    `on_generated(m)` after each batch of m problems' completions (progress); `compile`: greedy
+    decoding over a compiled static cache (see `generate`)."""
     ks = sorted(set(k))
     for kk in ks:
         pass_at_k(n, 0, kk)  # k > n is an error before any generation
     kind, problems = load_problems(dataset, split, limit)
-    lm = model if speculative else causal_lm(model)  # once, not per batch
+    problems = [p for p in problems if p.id not in skip]
+    direct = speculative or (compile and temperature == 0)  # wmtp_decode runs the MTP model
+    lm = model if direct else causal_lm(model)  # once, not per batch
 
     def samples() -> Iterator[tuple[Problem, list[str]]]:
         for start in range(0, len(problems), batch_size):
@@ -389,7 +389,10 @@ def evaluate(
                 batch_size=batch_size,
                 speculative=speculative,
                 stats=decode_stats,
+                compile=compile,
             )
+            if on_generated is not None:
+                on_generated(len(batch))
             yield from zip(batch, completions)
 
     result = score(samples(), k=ks, workers=workers, timeout=timeout, on_result=on_result)

@@ -3,10 +3,12 @@ run locks (one trainer per run folder). MLflow is imported where it is used (ran
 
 from __future__ import annotations
 
+import ast
 import atexit
 import contextlib
 import fcntl
 import functools
+import importlib.metadata
 import json
 import os
 import shutil
@@ -20,7 +22,9 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+import mlflow
 import torch
+from accelerate.utils import broadcast_object_list
 
 import io_stream
 from wmtp import ConfigError, config_params, redact
@@ -38,8 +42,6 @@ def mlflow_connect(cfg: Config) -> str:
     """Point MLflow at the configured tracking (and registry) server (MLFLOW_TRACKING_URI wins) and
     return the experiment's id, creating it if needed. On SQLite this runs under a file lock: the
     schema migration of a fresh store fails when several first runs start at once."""
-    import mlflow
-
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
     if cfg.s3.endpoint_url:  # MLflow's own S3 client (artifacts, models) reads only the environment
         os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", cfg.s3.endpoint_url)
@@ -76,10 +78,8 @@ def file_lock(path: str) -> Iterator[None]:
         os.close(fd)
 
 
-def mlflow_start(cfg: Config, run_name: str, run_id: str | None = None):
+def mlflow_start(cfg: Config, run_name: str, run_id: str | None = None, *, log_config: bool = True):
     """Start (or continue) the MLflow run and log the config (secrets removed) as params."""
-    import mlflow
-
     exp_id = mlflow_connect(cfg)
     run = mlflow.start_run(
         run_id=run_id,
@@ -88,15 +88,13 @@ def mlflow_start(cfg: Config, run_name: str, run_id: str | None = None):
         # CPU, memory, disk, network (and GPU with nvidia-ml-py) unless the env var says otherwise
         log_system_metrics=None if "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING" in os.environ else True,
     )
-    if run_id is None:
+    if run_id is None and log_config:
         mlflow.log_params(config_params(cfg))
     return run
 
 
 def artifact_uri(subpath: str) -> str | None:
     """Where io_stream can write an artifact of the active run directly (local or S3), else None."""
-    import mlflow
-
     uri = mlflow.get_artifact_uri()
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
@@ -110,8 +108,6 @@ def resolve_mlflow_uri(uri: str) -> str:
     s3:// URI). For the kit's MLflow models, the weights: the final MTP model's folder (which its
     MLflow model points at) or the value head file inside its MLflow model; for any other MLflow
     model its folder, for a run's plain artifact its place in the artifact store."""
-    import mlflow
-
     try:
         info = mlflow.models.get_model_info(uri)
     except (mlflow.exceptions.MlflowException, OSError):
@@ -132,8 +128,6 @@ def resolve_mlflow_uri(uri: str) -> str:
 def kit_modules(entry: str) -> list[str]:
     """The kit's module files that `entry` (a file beside this one) imports, directly or through
     another kit module, function-level imports included: the code a pyfunc model must carry."""
-    import ast
-
     here = os.path.dirname(os.path.abspath(__file__))
     found, todo = [], [entry]
     while todo:
@@ -170,10 +164,6 @@ def log_pyfunc(name: str, registered: str, config: dict, artifacts: dict | None 
     """Log MLflow pyfunc model `name` of the active run from wmtp_pyfunc.py (models-from-code: the
     kit's modules as its code, this environment's versions as its requirements, nothing pickled)
     and register it as a new version of `registered`; returns that version."""
-    import importlib.metadata
-
-    import mlflow
-
     here = os.path.dirname(os.path.abspath(__file__))
     info = mlflow.pyfunc.log_model(
         name=name,
@@ -191,8 +181,6 @@ def log_pyfunc(name: str, registered: str, config: dict, artifacts: dict | None 
 
 def run_link(run) -> str:
     """Where to see an MLflow run: its page on a tracking server, or the `mlflow ui` to start."""
-    import mlflow
-
     uri = redact(mlflow.get_tracking_uri())
     page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
     if uri.startswith(("http://", "https://")):
@@ -255,7 +243,6 @@ def log_head_plots(run_id: str, step: int, n_heads: int, hist: torch.Tensor | No
         folder = tempfile.mkdtemp(prefix="wmtp-matplotlib-")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         os.environ["MPLCONFIGDIR"] = folder
-    import mlflow
     from matplotlib.figure import Figure
 
     client = mlflow.MlflowClient()
@@ -286,8 +273,6 @@ def run_name_for(acc, run_name: str | None, algo: str) -> str:
     """train.run_name, or <algo>-<UTC timestamp> chosen on rank 0 and shared with every rank."""
     if run_name:
         return check_run_name(run_name)
-    from accelerate.utils import broadcast_object_list
-
     name = [f"{algo}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"]
     if acc.num_processes > 1:
         broadcast_object_list(name, from_process=0)
@@ -514,8 +499,6 @@ def claim_run(cfg: Config, run_dir: str, resumed_run_id: str | None, *, force: b
     dead = {resumed_run_id, (previous or {}).get("run_id")} - {None}
     if not dead:
         return
-    import mlflow
-
     mlflow_connect(cfg)
     client = mlflow.MlflowClient()
     for run_id in dead:

@@ -8,10 +8,14 @@ import time
 
 import msgspec
 import torch
+import torch.distributed.checkpoint as dcp
+from transformers import get_scheduler
 
 import io_stream
 from wmtp import Config, ConfigError, load_config
+from wmtp_ckpt import dcp_reader, read_ckpt_meta
 from wmtp_dist import is_fsdp, rank0_reads_weights, shard_frozen
+from wmtp_eval import causal_lm
 from wmtp_model import (
     byte_tokenizer,
     init_mtp_model,
@@ -66,8 +70,6 @@ def load_base_ref(cfg: Config, acc):
     is at step 0, read the way load_base reads it, in eval mode. Under FSDP it is sharded like the
     trained model when its weights exceed train.shard_frozen_over_gib GiB (only rank 0 then reads
     them), else every rank holds a full copy, as load_frozen decides for a reference model."""
-    from wmtp_eval import causal_lm
-
     _, shapes = load_base(cfg, acc, meta_weights=True)
     nbytes = sum(p.numel() * p.element_size() for p in causal_lm(shapes).parameters())
     shard = is_fsdp(acc) and nbytes > cfg.train.shard_frozen_over_gib * 2**30
@@ -115,32 +117,70 @@ def head0_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
         return model(input_ids, attention_mask, fn=run)
 
 
+def load_checkpoint_model(path: str):
+    """(tokenizer, MTP model, step) of a training checkpoint <run>/step_N, on CPU in eval mode:
+    the model its saved config describes, with the checkpoint's weights (one file, or the DCP
+    shards of an FSDP run, read here by one process)."""
+    meta = read_ckpt_meta(path)
+
+    def plain(node):  # the manifest spells a tuple {"__tuple__": [...]}
+        if isinstance(node, dict):
+            return (
+                node["__tuple__"]
+                if node.keys() == {"__tuple__"}
+                else {k: plain(v) for k, v in node.items()}
+            )
+        return node
+
+    cfg = msgspec.convert(plain(meta["config"]), Config, strict=False)
+    tokenizer, model = load_base(cfg, None, meta_weights=False)
+    if "optimizer_param_groups" in meta:  # DCP shards: loading reshards them to this one process
+        state = {"model": model.state_dict()}
+        dcp.load(state, storage_reader=dcp_reader(io_stream.join(path, "dcp")))
+        model.load_state_dict(state["model"])
+    else:
+        model.load_state_dict(io_stream.load_ckpt(path)["model"])
+    return tokenizer, model.eval(), int(meta["step"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Schedule and throughput
+
+
+def compile_blocks(model) -> None:
+    """train.compile: torch.compile each decoder block in place (trunk and heads), as torchtitan
+    does: one graph per block shape is compiled once and reused by every block, while the loss
+    (chunked, with its custom autograd) and the FSDP hooks stay eager."""
+    for block in [*model.layers, *model.heads]:
+        block.compile()
 
 
 def lr_schedule(opt, schedule: str, warmup: int, total: int):
     """transformers' schedule: linear warmup from 0 over `warmup` optimizer steps, then cosine to
     0 at step `total`, or constant. A LambdaLR whose state is its step count: a resume that loads
     that state continues it exactly."""
-    from transformers import get_scheduler
-
     name = "cosine" if schedule == "cosine" else "constant_with_warmup"
     return get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
 
 
 class Throughput:
-    """Tokens per second over the last logging window."""
+    """Tokens per second of training steps over the last logging window: time spent on
+    checkpoints and evaluations is left out (`exclude`). Counts may be device tensors: they are
+    read once, when the rate is."""
 
     def __init__(self) -> None:
         self.tokens = 0
         self.t0 = time.perf_counter()
 
-    def add(self, n: int) -> None:
-        self.tokens += n
+    def add(self, n) -> None:
+        self.tokens = self.tokens + n
+
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (a checkpoint, an evaluation) out of the window."""
+        self.t0 += seconds
 
     def rate(self) -> float:
         now = time.perf_counter()
-        r = self.tokens / max(now - self.t0, 1e-9)
+        r = float(self.tokens) / max(now - self.t0, 1e-9)
         self.tokens, self.t0 = 0, now
         return r

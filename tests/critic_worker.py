@@ -1,4 +1,4 @@
-"""Stage 1 under `torchrun --nproc_per_node 2`, for tests/test_objectives.py.
+"""Stage 1 under `torchrun --nproc_per_node 2`, for tests/test_train_ranks.py.
 
 Runs `train_critic` to its end with the given config, then scores the saved value head on the
 held-out split from every rank; prints one JSON line per rank: the rank, the step it stopped at,

@@ -1,4 +1,4 @@
-"""mtp_loss under FSDP2 on CPU (gloo, `torchrun --nproc_per_node 2`), for tests/test_objectives.py.
+"""mtp_loss under FSDP2 on CPU (gloo, `torchrun --nproc_per_node 2`), for tests/test_train_ranks.py.
 
 The sharded model is prepared by accelerate with the mixed-precision policy fsdp.yaml's bf16 gives
 (bf16 parameters, gradient reduction and module outputs). Checks, on every rank: the loss and the
@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fsdp_train import fsdp_cpu_accelerator  # noqa: E402
 from fsdp_worker import DIMS, batch, full  # noqa: E402
+from helpers import naive_ce  # noqa: E402
 
 from wmtp_loss import mtp_loss  # noqa: E402
 from wmtp_model import init_mtp_model  # noqa: E402
@@ -36,15 +37,6 @@ class Records(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
-
-
-def naive_ce(model, ids, attn, labels) -> torch.Tensor:
-    """Per-slot fp32 CE [B,S,H] from the full logits (0 where ignored)."""
-    logits = model(ids, attn).float()
-    ce = F.cross_entropy(
-        logits.flatten(0, 2), labels.flatten(), ignore_index=-100, reduction="none"
-    )
-    return ce.view(labels.shape)
 
 
 PROBLEMS: list[str] = []

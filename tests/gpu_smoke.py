@@ -8,9 +8,12 @@ Steps: stage 1 (train_critic.py) and stage 2 (train_mtp.py --algo critic) throug
 last rank dying in the middle of the step-4 checkpoint (WMTP_TEST_CRASH), then `--resume auto`, whose
 per-step losses must equal the uninterrupted run's; the final model generating with transformers
 (`AutoModelForCausalLM.from_pretrained(final).generate`, greedy, equal to the kit's own decoding of
-the MTP model); peak GPU memory and tokens/s. Everything goes to one temp dir (HF, Triton and
-bytecode caches too), removed at the end unless --keep. Without CUDA (and without --cpu) it says so
-and exits 0 without running. Exit code 0: PASS, 1: FAIL.
+the MTP model); peak GPU memory and tokens/s. The trainers run with `train.deterministic: true`
+(deterministic kernels, cuBLAS workspace, no flash-attention backward), so the resumed losses must
+be bit-identical on GPU as on CPU. Everything goes to one temp dir (HF, Triton and bytecode caches
+too), removed at the end unless --keep. Without CUDA (and without --cpu) it says in one line that
+no GPU was checked and exits 1, so a pre-flight check of the exit code fails on a node whose GPUs
+are missing. Exit code 0: PASS, 1: FAIL.
 
 On CPU, accelerate turns FSDP on only on GPUs, so `--cpu` runs stage 2 through tests/fsdp_train.py
 (fsdp.yaml's FSDP2 plugin on a gloo Accelerator) under torchrun, and stage 1 under torchrun (DDP).
@@ -101,6 +104,7 @@ def settings(work: str, cpu: bool, run_name: str | None = None) -> list[str]:
     sets = [f"{k}={v[1 if cpu else 0]}" for k, v in MODEL.items()]
     sets += [
         f"paths.datasets={{smoke: {work}/data.jsonl}}",
+        "data.heldout=[]",
         "data.train=[smoke]",
         f"paths.checkpoints={work}/ckpt",
         f"paths.value_head={work}/value_head.safetensors",
@@ -112,6 +116,7 @@ def settings(work: str, cpu: bool, run_name: str | None = None) -> list[str]:
         "train.warmup_steps=2",
         "train.lr=3e-4",
         "critic.eval_every=2",
+        "train.deterministic=true",  # bit-identical resumed losses on GPU too
     ]
     if run_name:
         sets.append(f"train.run_name={run_name}")
@@ -238,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not args.cpu and not torch.cuda.is_available():
-        print("gpu_smoke: no CUDA device here: nothing run (`--cpu` runs the CPU-sized variant)")
-        return 0
+        print(
+            "gpu_smoke: FAIL: no CUDA device here, no GPU was checked (`--cpu` runs the CPU-sized variant)"
+        )
+        return 1
     nproc = args.nproc or (2 if args.cpu else torch.cuda.device_count())
     work = tempfile.mkdtemp(prefix="wmtp-gpu-smoke-")
     for name, value in child_env(work, args.cpu).items():  # this process's own caches too

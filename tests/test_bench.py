@@ -11,7 +11,7 @@ import time
 import pytest
 import safetensors.torch
 import torch
-import torch.nn.functional as F
+from helpers import naive_loss
 
 import io_stream
 import wmtp_train
@@ -65,15 +65,6 @@ def test_default_chunk_rows(vocab, dim, device, memory, rows):
     assert default_chunk_rows(vocab, dim, device, memory) == rows
 
 
-def naive_loss(model, ids, labels, weights):
-    """Σ w·CE / Σ w over valid slots from the full [B,S,H,V] logits and F.cross_entropy."""
-    ce = F.cross_entropy(
-        model(ids).flatten(0, 2), labels.flatten(), ignore_index=-100, reduction="none"
-    )
-    w = weights.flatten() * (labels.flatten() != -100)
-    return (w * ce).sum() / w.sum()
-
-
 @pytest.mark.parametrize("chunk", [1, 5, 37, None, 100_000])
 def test_mtp_loss_does_not_depend_on_the_chunk(chunk):
     model = init_mtp_model(vocab_size=300, dim=32, n_layers=6, n_heads=4, n_attn_heads=4, seed=1)
@@ -82,7 +73,7 @@ def test_mtp_loss_does_not_depend_on_the_chunk(chunk):
     labels = mtp_targets(ids, torch.ones_like(ids, dtype=torch.bool), 4)
     weights = torch.rand(labels.shape, generator=g)
 
-    expected = naive_loss(model, ids, labels, weights)
+    expected = naive_loss(model, ids, None, labels, weights)
     expected_grads = torch.autograd.grad(expected, list(model.parameters()))
     loss, _ = mtp_loss(model, ids, labels, weights, chunk_size=chunk)
     grads = torch.autograd.grad(loss, list(model.parameters()))

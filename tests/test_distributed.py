@@ -16,8 +16,9 @@ import mlflow
 import pytest
 import torch
 from conftest import free_port
-from test_train import TINY, tiny_model, write_dataset
+from helpers import TINY, tiny_model, write_dataset
 
+import eval_mtp
 import io_stream
 from wmtp import load_config
 from wmtp_ckpt import load_train_state
@@ -46,6 +47,7 @@ def settings(s3: str, tmp_path, run_name: str) -> list[str]:
     sets = [
         *TINY,
         f"paths.datasets={{toy: {data}}}",
+        "data.heldout=[]",
         "data.train=[toy]",
         f"paths.checkpoints={s3}/ckpt",
         f"paths.value_head={s3}/vh/value_head.safetensors",
@@ -119,6 +121,20 @@ def test_trainer_under_fsdp2_crash_and_exact_resume(s3, tmp_path):
     assert losses_by_step(client, by_name["cut"]) == losses_by_step(client, by_name["full"])
     assert io_stream.exists(f"{s3}/ckpt/cut/final/mtp.json")
 
+    # the DCP checkpoint of the last step evaluates (read by one process) as its final model does
+    argv = settings(s3, tmp_path, "full") + [
+        "--data", "mbpp", "--limit", "2", "--set", "paths.datasets.mbpp=pkg:wmtp/data/mbpp",
+        "--set", "eval.max_new_tokens=12",
+    ]  # fmt: skip
+    completions = {}
+    for model in ("step_6", "final"):
+        out = tmp_path / f"eval-{model}"
+        eval_mtp.main([*argv, "--model", f"{s3}/ckpt/full/{model}", "--out", str(out)])
+        rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+        completions[model] = [r["completion"] for r in rows]
+    assert completions["step_6"] == completions["final"] and len(completions["final"]) == 2
+    assert json.loads((tmp_path / "eval-step_6" / "settings.json").read_text())["step"] == 6
+
 
 def test_two_process_critic_then_critic_weighted_training(s3, tmp_path):
     critic = launch("train_critic.py", settings(s3, tmp_path, "c"), tmp_path)
@@ -141,7 +157,12 @@ def test_each_rank_gets_different_data_and_resume_skips_for_any_world_size(tmp_p
     write_dataset(data, n=24)
     cfg = load_config(
         os.path.join(ROOT, "config.yaml"),
-        [f"paths.datasets={{toy: {data}}}", "data.train=[toy]", "data.max_length=64"],
+        [
+            f"paths.datasets={{toy: {data}}}",
+            "data.heldout=[]",
+            "data.train=[toy]",
+            "data.max_length=64",
+        ],
     )
     from wmtp_model import byte_tokenizer
 

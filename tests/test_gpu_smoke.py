@@ -1,7 +1,7 @@
 """tests/gpu_smoke.py, the command users run on a fresh GPU node, kept from rotting: its CPU-sized
 variant runs every step here (stage 1, stage 2 under FSDP2 on gloo, a rank dying mid-checkpoint,
 --resume auto with equal losses, the final model in transformers), and without CUDA the GPU run
-says so and exits 0.
+says in one line that no GPU was checked and exits 1.
 """
 
 import os
@@ -43,7 +43,9 @@ def test_cpu_variant_runs_every_step_and_passes():
     assert not os.path.exists(work)  # everything it wrote was in its temp dir, now removed
 
 
-def test_without_cuda_the_gpu_run_says_so_and_exits_0():
+def test_without_cuda_the_gpu_run_says_no_gpu_was_checked_and_exits_1():
     r = smoke(CUDA_VISIBLE_DEVICES="")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.startswith("gpu_smoke: no CUDA device here: nothing run")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.stdout.splitlines() == [
+        "gpu_smoke: FAIL: no CUDA device here, no GPU was checked (`--cpu` runs the CPU-sized variant)"
+    ]

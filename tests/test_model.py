@@ -7,7 +7,7 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import (
+from helpers import (
     tiny_llama_config,
     write_hf_llama,
     write_meta_native,

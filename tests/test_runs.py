@@ -20,7 +20,7 @@ import time
 import mlflow
 import pytest
 from conftest import BUCKET
-from test_train import make_config, write_dataset
+from helpers import make_config, write_dataset
 
 import io_stream
 import train_mtp
@@ -224,10 +224,10 @@ def test_failed_run_is_recorded_failed(case, tmp_path, capsys, request):
         lines = data.read_text().splitlines()
         lines[8] = '{"prompt": "cut off'
         data.write_text("\n".join(lines) + "\n")
-        extra.append(f"paths.datasets={{toy: {data}}}")
+        extra += [f"paths.datasets={{toy: {data}}}", "data.heldout=[]"]
     else:  # the dataset's S3 object is missing: the first batch fails
         missing = request.getfixturevalue("s3") + "/missing.jsonl"
-        extra.append(f"paths.datasets={{toy: {missing}}}")
+        extra += [f"paths.datasets={{toy: {missing}}}", "data.heldout=[]"]
     code, err = cli(settings(str(tmp_path), tmp_path, "f", *extra), capsys)
     assert code == 1, err
     assert (

@@ -1,6 +1,5 @@
 """End-to-end tests of both training stages: local and S3 paths, MLflow, checkpoints, exact resume, errors."""
 
-import json
 import math
 import os
 import subprocess
@@ -9,89 +8,17 @@ import sys
 import mlflow
 import pytest
 import torch
+from helpers import ROOT, TINY, make_config, run_stage2, tiny_model, write_dataset, write_reference
 
 import io_stream
 import train_critic
 import train_mtp
 from wmtp import load_config
 from wmtp_cli import run_cli as run_trainer
-from wmtp_model import byte_tokenizer, init_mtp_model, load_tokenizer, save_model
+from wmtp_model import byte_tokenizer, load_tokenizer, save_model
 from wmtp_runs import resolve_mlflow_uri
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# tiny model and data so that each run takes seconds on 2 cores
-TINY = [
-    "model.dim=32",
-    "model.n_layers=5",
-    "model.n_heads=4",
-    "model.n_attn_heads=2",
-    "model.n_kv_heads=1",
-    "model.max_seq_len=128",
-    "data.max_length=96",
-    "train.batch_size=2",
-    "train.log_every=1",
-    "train.warmup_steps=1",
-    "critic.batch_size=2",
-    "critic.max_steps=6",
-    "critic.eval_every=2",
-]
-
-
-def write_dataset(path: str, n: int = 12, labels: bool = True) -> None:
-    """A custom prompt/completion JSONL dataset, with 0/1 labels when asked."""
-    lines = []
-    for i in range(n):
-        rec = {"prompt": f"# task {i}: add {i}\n", "completion": f"def f(x):\n    return x + {i}\n"}
-        if labels:
-            rec["label"] = float(i % 2)
-        lines.append(json.dumps(rec))
-    io_stream.write_bytes(("\n".join(lines) + "\n").encode(), path)
-
-
-def make_config(where: str, tmp_path, *extra: str) -> list[str]:
-    """Overrides that put data, outputs and MLflow under `where` (a local folder or s3:// prefix)."""
-    data = io_stream.join(where, "data", "train.jsonl")
-    if not io_stream.exists(data):
-        write_dataset(data)
-    return [
-        *TINY,
-        f"paths.datasets={{toy: {data}}}",
-        "data.train=[toy]",
-        f"paths.checkpoints={io_stream.join(where, 'ckpt')}",
-        f"paths.value_head={io_stream.join(where, 'vh', 'value_head.safetensors')}",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-        f"mlflow.artifact_location={io_stream.join(where, 'mlartifacts')}",
-        *extra,
-    ]
-
-
 pytestmark = pytest.mark.usefixtures("clean_mlflow")  # conftest: own tracking URI, no run left
-
-
-def tiny_model(n_layers: int = 5, n_heads: int = 4, seed: int = 0, max_seq_len: int = 128):
-    """A tiny random MTP model over the byte tokenizer's vocabulary."""
-    return init_mtp_model(
-        vocab_size=259,
-        dim=32,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_attn_heads=2,
-        n_kv_heads=1,
-        max_seq_len=max_seq_len,
-        seed=seed,
-    )
-
-
-def write_reference(path: str, tokenizer=None, seed: int = 1) -> None:
-    """A tiny next-token model in the kit's HF-compatible layout (loadable as kind='causal')."""
-    save_model(tiny_model(n_layers=3, n_heads=1, seed=seed), path, tokenizer or byte_tokenizer())
-
-
-def run_stage2(overrides, resume=None, stop_after=None):
-    return train_mtp.train(
-        load_config(os.path.join(ROOT, "config.yaml"), overrides), resume, stop_after=stop_after
-    )
 
 
 @pytest.mark.parametrize("algo", ["baseline", "critic", "rho1-weighted", "rho1-tokenskip"])
@@ -115,6 +42,7 @@ def test_every_algo_trains_locally(algo, tmp_path):
     run = mlflow.MlflowClient().get_run(out["run_id"])
     assert "loss" in run.data.metrics and "ce_head3" in run.data.metrics
     assert run.data.tags["checkpoint_latest"].endswith("step_4")
+    assert run.data.tags["seed"] == "42" and run.data.tags["algo"] == algo
     if algo != "baseline":
         assert 0 < run.data.metrics["weight_kept"] <= 1
     if algo == "rho1-tokenskip":
@@ -297,7 +225,7 @@ def test_errors_are_one_line_and_write_nothing(case, tmp_path, capsys, monkeypat
     elif case == "missing_model":
         overrides.append(f"paths.models.base={tmp_path / 'nope'}")
     elif case == "ref_other_tokenizer":
-        from tiny_models import write_sentencepiece
+        from helpers import write_sentencepiece
 
         write_sentencepiece(str(tmp_path / "sp"))
         write_reference(str(tmp_path / "ref"), tokenizer=load_tokenizer(str(tmp_path / "sp")))
@@ -327,3 +255,50 @@ def test_errors_are_one_line_and_write_nothing(case, tmp_path, capsys, monkeypat
     assert err.startswith("error: ") and "\n" not in err, err
     assert "hunter2" not in err
     assert not out.exists()
+
+
+def test_compiled_blocks_train_like_eager_and_deterministic_mode_runs(tmp_path):
+    """train.compile: torch.compile per decoder block gives eager's losses within 1e-5 over 3
+    steps; train.deterministic: the same losses again, and time/checkpoint_s is logged apart."""
+    common = ["train.max_steps=3", "train.save_every=3", "train.schedule=constant"]
+    runs = {}
+    for name, extra in (
+        ("eager", []),
+        ("compiled", ["train.compile=true"]),
+        ("deterministic", ["train.deterministic=true"]),
+    ):
+        runs[name] = run_stage2(
+            make_config(str(tmp_path), tmp_path, *common, f"train.run_name={name}", *extra)
+        )["losses"]
+    torch.use_deterministic_algorithms(False)  # the deterministic run switched this process
+    assert len(runs["eager"]) == 3
+    assert runs["compiled"] == pytest.approx(runs["eager"], abs=1e-5)
+    assert runs["deterministic"] == pytest.approx(runs["eager"], abs=1e-6)
+    client = mlflow.MlflowClient()
+    [run] = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string="tags.mlflow.runName = 'eager'",
+        output_format="list",
+    )
+    assert run.data.metrics["time/checkpoint_s"] > 0 and run.data.metrics["tokens_per_s"] > 0
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+
+
+def test_heldout_ce_every_n_steps_and_at_the_last(tmp_path):
+    held = tmp_path / "held"
+    write_dataset(str(held / "validation.jsonl"), n=5)
+    overrides = make_config(
+        str(tmp_path),
+        tmp_path,
+        "train.max_steps=5",
+        "train.heldout_every=2",
+        "train.save_every=100",
+        f"paths.datasets.held={held}",
+        "data.heldout=[held]",
+    )
+    out = run_stage2(overrides)
+    client = mlflow.MlflowClient()
+    for name in ("heldout/ce", "heldout/ce_head0", "heldout/ce_head3"):
+        assert [m.step for m in client.get_metric_history(out["run_id"], name)] == [2, 4, 5]
+    ce = client.get_run(out["run_id"]).data.metrics
+    assert ce["heldout/ce"] == pytest.approx(sum(ce[f"heldout/ce_head{k}"] for k in range(4)) / 4)

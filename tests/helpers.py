@@ -1,19 +1,23 @@
-"""Writers of tiny random models in every format the loader reads, to a local folder or s3:// prefix.
+"""What the tests share: tiny random models in every format the loader reads, tiny trainer runs
+(TINY overrides, datasets, configs) and the loss computed the obvious way.
 
-Each writer also puts a tokenizer in the folder (the byte tokenizer unless one is given) and
-returns the state dict exactly as written (for Meta native: unsharded), so tests can compute
+Each model writer also puts a tokenizer in the folder (the byte tokenizer unless one is given)
+and returns the state dict exactly as written (for Meta native: unsharded), so tests can compute
 the truth from it independently of the loader.
 """
 
 import io
 import json
 import math
+import os
 
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 import io_stream
-from wmtp_model import Tokenizer, byte_tokenizer
+from wmtp import load_config
+from wmtp_model import Tokenizer, byte_tokenizer, init_mtp_model, save_model
 
 CODE_TEXT = """\
 def fib(n):
@@ -320,3 +324,108 @@ def write_reward_model(
         state = {k: v.clone() for k, v in state.items()}
     write_hf_folder(folder, state, cfg, architecture, tokenizer=tokenizer, weights=weights)
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny runs: a model, data and config overrides that make each trainer run take seconds on 2 cores
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "config.yaml")
+TINY_MODEL = [  # the shipped config's model and batches, shrunk
+    "model.dim=32",
+    "model.n_layers=5",
+    "model.n_attn_heads=2",
+    "model.n_kv_heads=1",
+    "model.max_seq_len=128",
+    "data.max_length=96",
+    "train.batch_size=2",
+    "train.log_every=1",
+]
+TINY = [  # and short runs of both stages
+    *TINY_MODEL,
+    "model.n_heads=4",
+    "train.warmup_steps=1",
+    "critic.batch_size=2",
+    "critic.max_steps=6",
+    "critic.eval_every=2",
+]
+
+
+def tiny_model(
+    n_layers: int = 5,
+    n_heads: int = 4,
+    seed: int = 0,
+    max_seq_len: int = 128,
+    vocab_size: int = 259,
+):
+    """A tiny random MTP model over the byte tokenizer's vocabulary (TINY's dimensions)."""
+    return init_mtp_model(
+        vocab_size=vocab_size,
+        dim=32,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_attn_heads=2,
+        n_kv_heads=1,
+        max_seq_len=max_seq_len,
+        seed=seed,
+    )
+
+
+def write_dataset(path: str, n: int = 12, labels: bool = True) -> None:
+    """A custom prompt/completion JSONL dataset, with 0/1 labels when asked."""
+    lines = []
+    for i in range(n):
+        rec = {"prompt": f"# task {i}: add {i}\n", "completion": f"def f(x):\n    return x + {i}\n"}
+        if labels:
+            rec["label"] = float(i % 2)
+        lines.append(json.dumps(rec))
+    io_stream.write_bytes(("\n".join(lines) + "\n").encode(), path)
+
+
+def make_config(where: str, tmp_path, *extra: str) -> list[str]:
+    """Overrides that put data, outputs and MLflow under `where` (a local folder or s3:// prefix)."""
+    data = io_stream.join(where, "data", "train.jsonl")
+    if not io_stream.exists(data):
+        write_dataset(data)
+    return [
+        *TINY,
+        f"paths.datasets={{toy: {data}}}",
+        "data.heldout=[]",
+        "data.train=[toy]",
+        f"paths.checkpoints={io_stream.join(where, 'ckpt')}",
+        f"paths.value_head={io_stream.join(where, 'vh', 'value_head.safetensors')}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        f"mlflow.artifact_location={io_stream.join(where, 'mlartifacts')}",
+        *extra,
+    ]
+
+
+def write_reference(path: str, tokenizer=None, seed: int = 1) -> None:
+    """A tiny next-token model in the kit's HF-compatible layout (loadable as kind='causal')."""
+    save_model(tiny_model(n_layers=3, n_heads=1, seed=seed), path, tokenizer or byte_tokenizer())
+
+
+def run_stage2(overrides, resume=None, stop_after=None):
+    """train_mtp.train on the shipped config with `overrides`."""
+    import train_mtp
+
+    return train_mtp.train(load_config(CONFIG, overrides), resume, stop_after=stop_after)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss the obvious way: full [B,S,H,V] logits and F.cross_entropy
+
+
+def naive_ce(model, ids, attention_mask, labels) -> torch.Tensor:
+    """Per-slot fp32 CE [B,S,H] from the full logits and plain F.cross_entropy (0 where ignored)."""
+    logits = model(ids, attention_mask).float()
+    ce = F.cross_entropy(
+        logits.flatten(0, 2), labels.flatten(), ignore_index=-100, reduction="none"
+    )
+    return ce.view(labels.shape)
+
+
+def naive_loss(model, ids, attention_mask, labels, weights) -> torch.Tensor:
+    """Σ w·m·CE / Σ w·m computed the obvious way."""
+    m = (labels != -100).float()
+    return (weights * m * naive_ce(model, ids, attention_mask, labels)).sum() / (weights * m).sum()

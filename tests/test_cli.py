@@ -14,6 +14,7 @@ import mlflow
 import msgspec
 import pytest
 import torch
+from helpers import TINY_MODEL
 
 import io_stream
 import train_mtp
@@ -25,17 +26,7 @@ from wmtp_data import iter_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "config.yaml")
-TINY = [  # the shipped config, shrunk so that a run takes seconds on 2 cores
-    "model.dim=32",
-    "model.n_layers=5",
-    "model.n_attn_heads=2",
-    "model.n_kv_heads=1",
-    "model.max_seq_len=128",
-    "data.max_length=96",
-    "train.batch_size=2",
-    "train.log_every=1",
-    "eval.max_new_tokens=8",
-]
+TINY = [*TINY_MODEL, "eval.max_new_tokens=8"]  # the shipped config, a run of seconds
 
 
 @pytest.fixture(autouse=True)

@@ -18,9 +18,9 @@ from wmtp_model import init_mtp_model, load_model, save_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from tiny_models import write_hf_llama, write_meta_native  # noqa: E402
+from helpers import write_hf_llama, write_meta_native  # noqa: E402
 
-DATA = "paths:\n  datasets: {toy: data/toy.jsonl}\ndata:\n  train: [toy]\n"
+DATA = "paths:\n  datasets: {toy: data/toy.jsonl}\ndata:\n  train: [toy]\n  heldout: []\n"
 # The AWS documentation's example key pair; the secret holds '/'.
 KEY_ID = "AKIAIOSFODNN7EXAMPLE"
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"

@@ -11,22 +11,22 @@ import mlflow
 import pytest
 import torch
 from conftest import free_port
+from helpers import TINY, make_config, naive_ce, run_stage2, tiny_model, write_dataset
 from test_distributed import launch
-from test_objectives import (
+from test_train_objectives import (
     CONFIG,
     ROOT,
     assert_fp32_masters_moved,
     bf16_base_run,
-    tiny,
     value_reference,
 )
-from test_train import TINY, make_config, run_stage2, write_dataset
 
 import io_stream
 import wmtp_data
 from wmtp import load_config
-from wmtp_loss import ValueHead
-from wmtp_model import load_model
+from wmtp_data import encode, iter_dataset
+from wmtp_loss import ValueHead, mtp_targets
+from wmtp_model import byte_tokenizer, load_model
 
 pytestmark = pytest.mark.usefixtures("clean_mlflow")  # conftest: own tracking URI, no run left
 
@@ -40,6 +40,7 @@ def test_two_rank_critic_stops_together_and_scores_every_heldout_example(tmp_pat
     sets = [
         *TINY,
         f"paths.datasets={{toy: {data}}}",
+        "data.heldout=[]",
         "data.train=[toy]",
         "data.heldout_fraction=0.5",
         f"paths.value_head={tmp_path / 'vh.safetensors'}",
@@ -68,7 +69,7 @@ def test_two_rank_critic_stops_together_and_scores_every_heldout_example(tmp_pat
     head = ValueHead(32)
     head.load_state_dict(io_stream.read_safetensors(cfg.paths.value_head))
     G, V = value_reference(
-        tiny(seed=cfg.train.seed), head, wmtp_data.iter_examples(cfg, "heldout"), 96, 0.99
+        tiny_model(seed=cfg.train.seed), head, wmtp_data.iter_examples(cfg, "heldout"), 96, 0.99
     )
     for x in ranks:
         assert x["heldout_value_loss"] == pytest.approx(((G - V) ** 2).mean().item(), rel=1e-4)
@@ -90,16 +91,23 @@ def write_four_examples(path) -> None:
 def test_accumulation_and_ranks_give_the_same_update(tmp_path):
     """Batch 4 x accumulation 1, batch 2 x accumulation 2, 2 ranks x batch 2 (DDP) and 2 ranks x
     batch 2 under FSDP2 train one step from the same four examples (critic weights) and end with
-    the same weights and the same logged loss."""
+    the same weights, the same logged loss and the same held-out CE (five examples: one rank
+    scores three, the other two, and both equal the naive CE of the final model)."""
     data = tmp_path / "four.jsonl"
     write_four_examples(data)
+    held = tmp_path / "held"
+    held.mkdir()
+    write_four_examples(held / "validation.jsonl")
+    with open(held / "validation.jsonl", "a") as f:
+        f.write(json.dumps({"prompt": "# e\n", "completion": "print(3)\n"}) + "\n")
     torch.manual_seed(5)
     vh = str(tmp_path / "vh.safetensors")
     io_stream.write_safetensors(ValueHead(32).state_dict(), vh)
     common = make_config(
         str(tmp_path),
         tmp_path,
-        f"paths.datasets={{toy: {data}}}",
+        f"paths.datasets={{toy: {data}, held: {held}}}",
+        "data.heldout=[held]",
         "data.shuffle=false",
         "train.algo=critic",
         f"critic.value_head={vh}",
@@ -124,7 +132,7 @@ def test_accumulation_and_ranks_give_the_same_update(tmp_path):
     # AdamW's first step moves an entry by lr·g/(|g| + 1e-8): float noise in a gradient near 1e-8
     # moves a few dozen entries by up to a few % of lr; a mis-weighted objective (per-micro-batch means:
     # 56 and 532 slots here) moves ~29,000 of the 155,168 by more than 5 % of lr, up to 2·lr
-    start = tiny(seed=42)  # the config's random model (train.seed 42)
+    start = tiny_model(seed=42)  # the config's random model (train.seed 42)
     for name, model in finals.items():
         off, moved = 0, 0
         for (key, p), q, p0 in zip(
@@ -141,6 +149,23 @@ def test_accumulation_and_ranks_give_the_same_update(tmp_path):
     assert logged["ddp"] == pytest.approx(logged["b4"], rel=1e-5)
     assert logged["fsdp"] == pytest.approx(logged["b4"], rel=1e-5)
     assert runs["b4"]["losses"][0] == pytest.approx(logged["b4"])
+
+    # held-out CE: the same on every world size, and the naive CE of the final model
+    tok, H = byte_tokenizer(), 4
+    sums, slots = torch.zeros(H, dtype=torch.float64), torch.zeros(H, dtype=torch.float64)
+    for ex in iter_dataset(str(held), "validation"):
+        ids, mask, _ = encode(tok, ex, 96, prompt_loss=False)
+        ids, mask = ids[None], mask[None]
+        labels = mtp_targets(ids, mask, H)
+        with torch.no_grad():
+            ce = naive_ce(finals["b4"], ids, None, labels)
+        sums += ce.double().sum((0, 1))
+        slots += (labels != -100).sum((0, 1)).double()
+    naive = (sums / slots).tolist()
+    for run in client.search_runs([exp]):
+        got = [run.data.metrics[f"heldout/ce_head{k}"] for k in range(H)]
+        assert got == pytest.approx(naive, rel=1e-5), run.info.run_name
+        assert run.data.metrics["heldout/ce"] == pytest.approx(sum(naive) / H, rel=1e-5)
 
 
 def test_bf16_autocast_trains_fp32_master_weights_and_optimizer_state(tmp_path):

@@ -3,7 +3,7 @@
 Weight bounds and mean 1, per-position head normalisation, per-head Rho-1, the critic's first
 completion token, left-padded targets, the held-out split (every example once, whole CodeContests
 problems, explained variance over every held-out token), the loss over a given denominator, fp32
-master weights. The multi-process checks are in tests/test_objectives_ranks.py.
+master weights. The multi-process checks are in tests/test_train_ranks.py.
 """
 
 import json
@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train import TINY, make_config, run_stage2, write_dataset
+from helpers import TINY, make_config, run_stage2, tiny_model, write_dataset
 
 import io_stream
 import train_critic
@@ -23,7 +23,7 @@ import wmtp_loss
 from wmtp import ConfigError, load_config
 from wmtp_data import collate, encode
 from wmtp_loss import ValueHead, critic_weights, mtp_loss, rho1_weights
-from wmtp_model import byte_tokenizer, init_mtp_model, load_model, save_model
+from wmtp_model import byte_tokenizer, load_model, save_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "config.yaml")
@@ -206,20 +206,6 @@ def test_value_mask_adds_the_position_before_the_first_loss_token():
     ]
 
 
-def tiny(seed: int = 0):
-    """The TINY config's model (random, over the byte tokenizer)."""
-    return init_mtp_model(
-        vocab_size=259,
-        dim=32,
-        n_layers=5,
-        n_heads=4,
-        n_attn_heads=2,
-        n_kv_heads=1,
-        max_seq_len=128,
-        seed=seed,
-    )
-
-
 def value_reference(model, head, examples, max_length: int, gamma: float):
     """(G, V) over every token the value head is trained on, one example at a time, by hand:
     the completion tokens and the position just before the first one; G_t = gamma^(T−t)·R."""
@@ -242,7 +228,7 @@ def value_reference(model, head, examples, max_length: int, gamma: float):
 
 def test_critic_value_loss_covers_the_position_before_the_completion():
     torch.manual_seed(0)
-    model, head = tiny(), ValueHead(32)
+    model, head = tiny_model(), ValueHead(32)
     tok = byte_tokenizer()
     examples = [
         wmtp_data.Example("a", "# add\n", "def f(x):\n    return x + 1\n", [], 1.0),
@@ -263,7 +249,13 @@ def test_heldout_batches_score_every_example_once_on_any_world_size(tmp_path):
     data = str(tmp_path / "d.jsonl")
     write_dataset(data, n=26)
     cfg = load_config(
-        CONFIG, [f"paths.datasets={{toy: {data}}}", "data.train=[toy]", "data.heldout_fraction=0.5"]
+        CONFIG,
+        [
+            f"paths.datasets={{toy: {data}}}",
+            "data.heldout=[]",
+            "data.train=[toy]",
+            "data.heldout_fraction=0.5",
+        ],
     )
     tok = byte_tokenizer()
     held = sorted(ex.completion for ex in wmtp_data.iter_examples(cfg, "heldout"))
@@ -312,6 +304,7 @@ def test_heldout_loss_and_explained_variance_over_every_heldout_token(tmp_path):
         [
             *TINY,
             f"paths.datasets={{toy: {data}}}",
+            "data.heldout=[]",
             "data.train=[toy]",
             "data.heldout_fraction=1.0",
             "critic.batch_size=8",
@@ -319,7 +312,7 @@ def test_heldout_loss_and_explained_variance_over_every_heldout_token(tmp_path):
         ],
     )
     torch.manual_seed(0)
-    model, head = tiny(seed=cfg.train.seed), ValueHead(32)
+    model, head = tiny_model(seed=cfg.train.seed), ValueHead(32)
     acc = wmtp_dist.make_accelerator(cfg)
     held = train_critic.evaluate(cfg, model, head, byte_tokenizer(), None, acc)
     G, V = value_reference(model, head, wmtp_data.iter_examples(cfg, "heldout"), 96, 1.0)
@@ -346,7 +339,13 @@ def test_codecontests_heldout_split_keeps_each_problem_whole(tmp_path):
     data = str(tmp_path / "cc.jsonl")
     write_codecontests(data)
     cfg = load_config(
-        CONFIG, [f"paths.datasets={{cc: {data}}}", "data.train=[cc]", "data.heldout_fraction=0.3"]
+        CONFIG,
+        [
+            f"paths.datasets={{cc: {data}}}",
+            "data.heldout=[]",
+            "data.train=[cc]",
+            "data.heldout_fraction=0.3",
+        ],
     )
     parts = {}
     for part in ("train", "heldout"):
@@ -363,7 +362,7 @@ def test_codecontests_heldout_split_keeps_each_problem_whole(tmp_path):
 
 
 def test_mtp_loss_with_a_denominator_is_the_weighted_sum_over_it():
-    model = tiny(seed=2)
+    model = tiny_model(seed=2)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 259, (2, 12), generator=g)
     labels = targets(ids, 4)
@@ -381,7 +380,7 @@ def test_mtp_loss_with_a_denominator_is_the_weighted_sum_over_it():
 def bf16_base_run(tmp_path, mixed_precision: str) -> tuple[str, list[str]]:
     """A bf16-stored base model and overrides for one lr-1e-5 step of it, checkpointed as `r`."""
     base = str(tmp_path / "base")
-    save_model(tiny(seed=4).to(torch.bfloat16), base, byte_tokenizer())
+    save_model(tiny_model(seed=4).to(torch.bfloat16), base, byte_tokenizer())
     overrides = make_config(
         str(tmp_path),
         tmp_path,

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BUCKET
+from helpers import TINY_MODEL
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -21,14 +22,7 @@ from wmtp_model import byte_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
-    "model.dim=32",
-    "model.n_layers=5",
-    "model.n_attn_heads=2",
-    "model.n_kv_heads=1",
-    "model.max_seq_len=128",
-    "data.max_length=96",
-    "train.batch_size=2",
-    "train.log_every=1",
+    *TINY_MODEL,
     "train.max_steps=2",
     "train.plot_every=1",
     "critic.batch_size=2",
