@@ -324,7 +324,8 @@ def test_a_json_array_streams_in_memory_independent_of_its_size(tmp_path):
 
 @pytest.mark.parametrize("split", ["train", "test", "validation"])
 def test_shipped_mbpp_json_reads_as_json_does(split):
-    path = os.path.join(ROOT, "data", "mbpp", f"{split}.json")
+    shipped = wmtp.load_config(os.path.join(ROOT, "config.yaml")).paths.datasets["mbpp"]
+    path = os.path.join(shipped, f"{split}.json")  # wherever the kit ships it
     with open(path) as f:
         assert list(io_stream.iter_records(path)) == json.load(f)
 
