@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
             path.rstrip("/").rsplit("/", 1)[0], "eval", f"{label}-{stamp}"
         )
     if step is None and parent is not None:
-        history = mlflow.MlflowClient().get_metric_history(parent.info.run_id, "loss")
+        history = mlflow.MlflowClient().get_metric_history(parent.info.run_id, "train/loss")
         step = max((m.step for m in history), default=0)
     settings = settings_of(cfg, path, step, args.speculative)
     run = start_eval_run(cfg, parent, label, settings)

@@ -143,11 +143,11 @@ def critic_step(cfg: Config, acc, model, head, opt, batch: dict, rm) -> dict[str
     opt.zero_grad(set_to_none=True)
     v = values.detach()[mask.bool()]
     return {
-        "value_loss": (sums[0] / sums[1].clamp(min=1)).item(),
-        "explained_variance": explained_variance(values.detach(), targets, mask),
-        "value_mean": v.mean().item(),
-        "value_std": v.std().item() if v.numel() > 1 else 0.0,
-        "grad_norm": float(grad_norm),
+        "train/value_loss": (sums[0] / sums[1].clamp(min=1)).item(),
+        "train/explained_variance": explained_variance(values.detach(), targets, mask),
+        "train/value_mean": v.mean().item(),
+        "train/value_std": v.std().item() if v.numel() > 1 else 0.0,
+        "train/grad_norm": float(grad_norm),
     }
 
 
@@ -173,7 +173,7 @@ def finish(cfg: Config, acc, model, state: dict, run_id, stopped: bool, best: fl
         uri = f"models:/{cfg.mlflow.value_head_model}/{version}"
         log.info("value head written to %s, registered as %s", cfg.paths.value_head, uri)
         best_loss = best if best < math.inf else float("nan")
-        mlflow.log_metrics({"best_heldout_value_loss": best_loss}, step=step)
+        mlflow.log_metrics({"heldout/best_value_loss": best_loss}, step=step)
         mlflow.end_run()
     acc.wait_for_everyone()
     return version
@@ -204,7 +204,10 @@ def _train_critic(cfg: Config, accelerator) -> dict:
         log_startup(acc, cfg, run, models)
     best, bad, step, epoch, stop = math.inf, 0, 0, 0, False
     best_state, losses = None, []
-    bar = tqdm(total=c.max_steps, disable=not main or quiet(), desc="critic", dynamic_ncols=True)
+    bar = tqdm(
+        total=c.max_steps, disable=not main or quiet(), desc="stage 1: value head",
+        dynamic_ncols=True, leave=False,
+    )  # fmt: skip
     while not stop and step < c.max_steps and epoch < cfg.train.epochs:
         for batch in iter_batches(
             cfg, tokenizer, c.batch_size, epoch=epoch, rank=acc.process_index,
@@ -212,13 +215,13 @@ def _train_critic(cfg: Config, accelerator) -> dict:
         ):  # fmt: skip
             metrics = critic_step(cfg, acc, model, head, opt, batch, rm)
             step += 1
-            losses.append(metrics["value_loss"])
+            losses.append(metrics["train/value_loss"])
             bar.update(1)
             bar.set_postfix(value_loss=f"{losses[-1]:.4f}")
             if step % c.eval_every == 0 or step == c.max_steps:
                 held = evaluate(cfg, model, head, tokenizer, rm, acc)
                 if held is not None:
-                    metrics.update(held)
+                    metrics |= {f"heldout/{k.removeprefix('heldout_')}": v for k, v in held.items()}
                     if held["heldout_value_loss"] < best - c.min_delta:
                         best, bad = held["heldout_value_loss"], 0
                         best_state = {k: t.detach().clone() for k, t in head.state_dict().items()}

@@ -16,6 +16,7 @@ from wmtp_cli import parse_args, run_cli
 if __name__ == "__main__":  # --help and a bad flag answer before torch & co. are imported
     parse_args(None, __doc__.splitlines()[0], with_algo=True)
 
+import math  # noqa: E402
 import time  # noqa: E402
 from typing import NamedTuple  # noqa: E402
 
@@ -319,47 +320,98 @@ def micro_step(cfg: Config, acc, parts: Parts, batch: dict, denominator: torch.T
 
 def optimizer_step(
     cfg: Config, acc, parts: Parts, sums: StepSums, provisional: torch.Tensor
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, str]:
     """Rescale the gradients from the provisional denominator to the step's Σ w·m (all ranks),
-    clip, step the optimizers and the schedule; returns the gradient norm before clipping."""
+    clip, step the optimizers and the schedule; returns the gradient norm before clipping and
+    what of the step was not finite ('' when all was: otherwise no parameter moved)."""
     fix = provisional / sums.weight.clamp_min(torch.finfo(torch.float32).tiny)
     grads = [p.grad for p in parts.model.parameters() if p.grad is not None]
     torch._foreach_mul_(grads, fix.float())  # now Σ ∇(Σ w·m·CE) / the step's Σ w·m
     grad_norm = acc.clip_grad_norm_(parts.model.parameters(), cfg.train.grad_clip)
-    parts.opt.step()
+    bad = nonfinite(sums, grad_norm)  # the one host sync of a step
+    if not bad:
+        parts.opt.step()
     parts.opt.zero_grad(set_to_none=True)
     if parts.value_opt is not None:
         all_reduce_grads(acc, parts.value_head)
         torch.nn.utils.clip_grad_norm_(parts.value_head.parameters(), cfg.train.grad_clip)
-        parts.value_opt.step()
+        if not bad:
+            parts.value_opt.step()
         parts.value_opt.zero_grad(set_to_none=True)
     parts.sched.step()
-    return grad_norm
+    return grad_norm, bad
+
+
+def nonfinite(sums: StepSums, grad_norm) -> str:
+    """What of an optimizer step is NaN or infinite: its weights' sum (non-finite scores give
+    non-finite weights), its loss, its gradient norm; '' when all are finite."""
+    values = {
+        "weights": float(sums.weight),
+        "loss": float(sums.weighted_ce / sums.weight),
+        "gradient norm": float(grad_norm),
+    }
+    return ", ".join(f"{name} {v}" for name, v in values.items() if not math.isfinite(v))
+
+
+def check_step(cfg: Config, step: int, bad: str, skipped: int) -> int:
+    """Count a step that was not applied; past train.max_nonfinite_steps, stop the run with a
+    one-line error naming the step and what was not finite. Returns the count."""
+    if not bad:
+        return skipped
+    skipped += 1
+    allowed = cfg.train.max_nonfinite_steps
+    if skipped > allowed:
+        raise ValueError(
+            f"step {step}: non-finite {bad}; the step was not applied, and train.max_nonfinite_steps"
+            f" ({allowed}) allows skipping {allowed} such step(s)"
+        )
+    log.warning("step %d: non-finite %s: skipped (%d of %d allowed)", step, bad, skipped, allowed)
+    return skipped
+
+
+def check_parameters(acc, model) -> None:
+    """Refuse to write a model with a NaN or infinite parameter (every rank checks its shards)."""
+    bad = torch.zeros((), dtype=torch.int64, device=acc.device)
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        bad += (~torch.isfinite(local.detach())).sum().to(bad.device)
+    if int(acc.reduce(bad, "sum")):
+        raise ValueError(
+            "the model has non-finite parameters: no checkpoint or final model written"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Logging and checkpoints
 
 
-def note_micro_step(window: dict, micro: MicroStep, batch: dict) -> None:
+def shown_weight_stats(cfg: Config) -> tuple[str, ...]:
+    """The weight statistics worth a chart: not the mean (1 by construction for soft weights, the
+    kept fraction for tokenskip), and the kept fraction only where weights can be 0."""
+    algo, eps = cfg.train.algo, cfg.critic.eps if cfg.train.algo == "critic" else cfg.rho1.eps
+    return ("std", "max", "entropy") + (("kept",) if algo == "rho1-tokenskip" or eps == 0 else ())
+
+
+def note_micro_step(window: dict, micro: MicroStep, batch: dict, shown: tuple[str, ...]) -> None:
     """Add a micro-batch's statistics to the logging window (tensors: read once per log line)."""
-    window.setdefault("examples_cut", []).append(batch["n_cut"])
+    window.setdefault("train/examples_cut", []).append(batch["n_cut"])
     if micro.weights is not None:
         stats = weight_summary(micro.weights, micro.labels)
         for name, value in zip(("mean", "std", "max", "entropy", "kept"), stats):
-            window.setdefault(f"weight_{name}", []).append(value)
+            if name in shown:
+                window.setdefault(f"weights/{name}", []).append(value)
     if micro.value_loss is not None:
-        window.setdefault("value_loss", []).append(micro.value_loss)
+        window.setdefault("train/value_loss", []).append(micro.value_loss)
 
 
 def note_step(window: dict, sums: StepSums, grad_norm: torch.Tensor) -> torch.Tensor:
     """Add an optimizer step's loss, per-head CE and gradient norm to the window; returns the loss."""
     loss = sums.weighted_ce / sums.weight
-    window.setdefault("loss", []).append(loss)
+    window.setdefault("train/loss", []).append(loss)
     for k, ce in enumerate(sums.head_ce / sums.head_slots):
-        window.setdefault(f"ce_head{k}", []).append(ce)
+        window.setdefault(f"train/ce_head{k}", []).append(ce)
     if grad_norm is not None:
-        window.setdefault("grad_norm", []).append(grad_norm)
+        window.setdefault("train/grad_norm", []).append(grad_norm)
     return loss
 
 
@@ -380,13 +432,13 @@ def evaluate_due(
 
 
 def save_due(
-    cfg: Config, parts: Parts, run: dict, pos: dict, window: dict, speed: Throughput, main: bool
+    cfg: Config, acc, parts: Parts, run: dict, pos: dict, window: dict, speed: Throughput
 ) -> None:
     """The checkpoint when it is due, its time in time/checkpoint_s (logged with the next
     window) and not in tokens_per_s."""
     t, t0 = cfg.train, time.perf_counter()
     if pos["step"] % t.save_every == 0 or pos["step"] == t.max_steps:
-        save_checkpoint(cfg, parts, run, pos, main)
+        save_checkpoint(cfg, acc, parts, run, pos)
     note_time(window, speed, "checkpoint_s", time.perf_counter() - t0)
 
 
@@ -400,20 +452,26 @@ def note_time(window: dict, speed: Throughput, name: str, seconds: float) -> Non
 def log_window(window: dict, step: int, sched, speed: Throughput, bar, main: bool) -> None:
     """Means over the window (sums for examples_cut and time/*), lr and tokens/s (training steps
     only) to MLflow (rank 0)."""
-    cut = sum(window.pop("examples_cut", []))
+    cut = sum(window.pop("train/examples_cut", []))
     spent = {k: sum(window.pop(k)) for k in [k for k in window if k.startswith("time/")]}
     metrics = spent | {
         k: float(torch.stack([torch.as_tensor(x) for x in v]).double().mean())
         for k, v in window.items()
     }
-    metrics.update(lr=sched.get_last_lr()[0], tokens_per_s=speed.rate(), examples_cut=cut)
+    metrics |= {
+        "train/lr": sched.get_last_lr()[0],
+        "time/tokens_per_s": speed.rate(),
+        "train/examples_cut": cut,
+    }
     window.clear()
-    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+    bar.set_postfix(
+        loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['time/tokens_per_s']:.0f}"
+    )
     if main:
         mlflow.log_metrics(metrics, step=step)
 
 
-def save_checkpoint(cfg: Config, parts: Parts, run: dict, position: dict, main: bool) -> None:
+def save_checkpoint(cfg: Config, acc, parts: Parts, run: dict, position: dict) -> None:
     """Write the train state at `position` (step, epoch, examples_done) to <run_dir>/step_<N>,
     prune old checkpoints and tag the MLflow run (rank 0)."""
     step = position["step"]
@@ -431,10 +489,11 @@ def save_checkpoint(cfg: Config, parts: Parts, run: dict, position: dict, main: 
             "value_optimizer": parts.value_opt.state_dict(),
         }
     t = cfg.train
+    check_parameters(acc, parts.model)
     path = io_stream.join(run["run_dir"], f"step_{step}")
     path = save_train_state(path, parts.model, parts.opt, extra, fallback=t.checkpoint_fallback)
     log.info("checkpoint written to %s", path)
-    if main:
+    if acc.is_main_process:
         prune_ckpts(run["run_dir"], t.keep_last, fallback=t.checkpoint_fallback)
         latest = {"checkpoint_latest": path, f"checkpoint_step_{step}": path}
         mlflow.set_tags({**latest, **fallback_tags()})
@@ -498,6 +557,7 @@ def stop(acc, bar, run: dict, losses: list) -> dict:
 def finish(cfg: Config, acc, parts: Parts, run: dict, step: int, losses: list[float]) -> None:
     """Write the final model (in its stored dtype) and register it; the value head beside it."""
     final = io_stream.join(run["run_dir"], "final")
+    check_parameters(acc, parts.model)
     full = full_model_on_rank0(parts.model)
     if acc.is_main_process:
         full.to(parts.stored_dtype)  # training is over: the fp32 masters are no longer needed
@@ -513,7 +573,7 @@ def finish(cfg: Config, acc, parts: Parts, run: dict, step: int, losses: list[fl
                 parts.value_head.state_dict(),
                 io_stream.join(run["run_dir"], "value_head.safetensors"),
             )
-        mlflow.log_metrics({"final_loss": losses[-1] if losses else float("nan")}, step=step)
+        mlflow.log_metrics({"train/final_loss": losses[-1] if losses else float("nan")}, step=step)
         mlflow.end_run()
     acc.wait_for_everyone()
 
@@ -617,18 +677,20 @@ def _train(cfg: Config, resume, stop_after, allow_changes, force_unlock, acceler
     start_tracking(cfg, acc, parts, run, tags, pos["step"])
     main = acc.is_main_process
     bar = tqdm(
-        total=t.max_steps, initial=pos["step"], disable=not main or quiet(), desc=t.algo,
-        dynamic_ncols=True,
+        total=t.max_steps, initial=pos["step"], disable=not main or quiet(),
+        desc=f"stage 2: {t.algo}", dynamic_ncols=True, leave=False,
     )  # fmt: skip
-    speed, window, losses, hist, heldout_at = Throughput(), {}, [], None, None
+    speed, window, losses, hist, heldout_at, skipped = Throughput(), {}, [], None, None, 0
     top = cfg.critic.max_weight if t.algo == "critic" else cfg.rho1.max_weight  # weights' bound
     micro_share = acc.num_processes * t.grad_accum  # micro-batches in one step, all ranks
+    shown = shown_weight_stats(cfg)
     parts.model.train()
     new_step = True
     while pos["step"] < t.max_steps and pos["epoch"] < t.epochs:
+        dropped: list[int] = []  # the epoch's last incomplete group, when the stream ends
         for batch in iter_batches(
             cfg, parts.tokenizer, t.batch_size, epoch=pos["epoch"], rank=acc.process_index,
-            world=acc.num_processes, skip_examples=pos["examples_done"],
+            world=acc.num_processes, skip_examples=pos["examples_done"], dropped=dropped,
         ):  # fmt: skip
             if new_step:
                 sums, provisional = (
@@ -640,11 +702,11 @@ def _train(cfg: Config, resume, stop_after, allow_changes, force_unlock, acceler
                 sums = micro.sums if sums is None else add_sums(sums, micro.sums)
                 if acc.sync_gradients:
                     sums = reduce_sums(acc, sums)
-                    grad_norm = optimizer_step(cfg, acc, parts, sums, provisional)
+                    grad_norm, bad = optimizer_step(cfg, acc, parts, sums, provisional)
             new_step = acc.sync_gradients
             pos["examples_done"] += t.batch_size * acc.num_processes
             speed.add(micro.tokens * acc.num_processes)
-            note_micro_step(window, micro, batch)
+            note_micro_step(window, micro, batch, shown)
             if main and t.plot_every and micro.weights is not None:
                 counts = weight_histogram(micro.weights, micro.labels != IGNORE, top)
                 hist = counts if hist is None else hist + counts
@@ -652,6 +714,7 @@ def _train(cfg: Config, resume, stop_after, allow_changes, force_unlock, acceler
                 continue
             pos["step"] += 1
             step = pos["step"]
+            skipped = check_step(cfg, step, bad, skipped)
             losses.append(note_step(window, sums, grad_norm))
             bar.update(1)
             if evaluate_due(cfg, acc, parts, step, window, speed):
@@ -661,17 +724,25 @@ def _train(cfg: Config, resume, stop_after, allow_changes, force_unlock, acceler
             if main and t.plot_every and (step % t.plot_every == 0 or step == t.max_steps):
                 log_head_plots(run["run_id"], step, parts.n_heads, hist, top)
                 hist = None
-            save_due(cfg, parts, run, pos, window, speed, main)
+            save_due(cfg, acc, parts, run, pos, window, speed)
             if stop_after is not None and step >= stop_after:  # tests: a run cut short
                 return stop(acc, bar, run, losses)
             if step >= t.max_steps:
                 break
         else:
             pos["epoch"] += 1
-            names = ", ".join(cfg.data.train)
-            log.info("epoch %d done: %d examples of %s", pos["epoch"], pos["examples_done"], names)
+            log.info(
+                "epoch %d done: %d examples of %s, %d more left out (an incomplete last batch of "
+                "batch_size x ranks %d)", pos["epoch"], pos["examples_done"],
+                ", ".join(cfg.data.train), sum(dropped), t.batch_size * acc.num_processes,
+            )  # fmt: skip
             pos["examples_done"] = 0
     bar.close()
+    if pos["step"] == 0:  # nothing to register: an empty dataset, or every example cut short
+        raise ValueError(
+            f"datasets {', '.join(cfg.data.train)}: not one optimizer step of training data "
+            f"(batch_size x ranks {t.batch_size * acc.num_processes}); nothing trained or registered"
+        )
     if cfg.data.heldout and heldout_at != pos["step"]:  # the data ran out before max_steps
         log_heldout(cfg, acc, parts, pos["step"])
     losses = [float(x) for x in losses]

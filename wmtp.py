@@ -111,6 +111,7 @@ class Train(_Strict):
     checkpoint_fallback: bool = False
     compile: bool = False
     deterministic: bool = False
+    max_nonfinite_steps: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class Critic(_Strict):

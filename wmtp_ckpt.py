@@ -323,6 +323,11 @@ FREE_KEYS = (
     "train.keep_last",
     "train.shard_frozen_over_gib",
     "train.checkpoint_fallback",
+    "train.heldout_every",
+    "train.compile",
+    "train.max_nonfinite_steps",
+    "data.heldout",
+    "decode.",
 )
 
 

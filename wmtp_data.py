@@ -278,7 +278,9 @@ def iter_examples(
     """Examples of every dataset in `names` (default data.train) from `split` (default data.split);
     part = all | train | heldout (the critic's split of them by data.heldout_fraction)."""
     for name in cfg.data.train if names is None else names:
-        for ex in iter_dataset(cfg.paths.datasets[name], cfg.data.split if split is None else split):
+        for ex in iter_dataset(
+            cfg.paths.datasets[name], cfg.data.split if split is None else split
+        ):
             if part == "all" or is_heldout(ex.id, cfg.data.heldout_fraction) == (part == "heldout"):
                 yield ex
 
@@ -310,6 +312,7 @@ def iter_batches(
     drop_last: bool = True,
     names: list[str] | None = None,
     split: str | None = None,
+    dropped: list[int] | None = None,
 ) -> Iterator[dict]:
     """Collated batches for this rank: every rank gets different examples and the same batch count.
 
@@ -318,7 +321,8 @@ def iter_batches(
     The last incomplete group is dropped, or with drop_last=False (evaluation: every example once)
     split as evenly as the ranks allow; a rank left without an example then gets a one-example
     batch whose loss_mask is all False, so that every rank runs the same number of forwards.
-    `names` and `split` choose other datasets than data.train's (see iter_examples)."""
+    `names` and `split` choose other datasets than data.train's (see iter_examples); `dropped`,
+    a list, gets the number of examples the last incomplete group lost when the stream ends."""
 
     def make(mine: list[Example]) -> dict:
         encoded = [
@@ -342,6 +346,8 @@ def iter_batches(
         if len(group) == batch_size * world:
             yield make(group[rank * batch_size : (rank + 1) * batch_size])
             group = []
+    if dropped is not None:
+        dropped.append(len(group) if drop_last else 0)
     if group and not drop_last:
         share = -(-len(group) // world)  # ceil
         mine = group[rank * share : (rank + 1) * share]

@@ -195,8 +195,8 @@ def generate(
     out: list[list[str]] = []
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
+            torch.manual_seed(seed + start)  # each batch its own seed: seed + its first index
             rows = [prompt_ids(tokenizer, p, room) for p in prompts[start : start + batch_size]]
             width = max(map(len, rows))
             ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
@@ -403,7 +403,7 @@ def greedy_pass_at_1(
     model: nn.Module | None, tokenizer, cfg: Config, device: torch.device | str = "cpu"
 ) -> dict[str, float]:
     """The trainer's periodic check: greedy pass@1 on the first eval.limit problems of every
-    eval dataset on `device`, as {"pass_at_1/<name>": value}; {} when model is None (ranks
+    eval dataset on `device`, as {"eval/pass_at_1/<name>": value}; {} when model is None (ranks
     other than 0). An MTPModel is viewed through `causal_lm` (its parameters, no copy)."""
     if model is None:
         return {}
@@ -422,5 +422,5 @@ def greedy_pass_at_1(
             timeout=e.timeout,
             batch_size=e.batch_size,
         )
-        out[f"pass_at_1/{name}"] = result["pass@k"][1]
+        out[f"eval/pass_at_1/{name}"] = result["pass@k"][1]
     return out

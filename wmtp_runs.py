@@ -249,7 +249,7 @@ def log_head_plots(run_id: str, step: int, n_heads: int, hist: torch.Tensor | No
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
     for k in range(n_heads):
-        points = sorted((m.step, m.value) for m in client.get_metric_history(run_id, f"ce_head{k}"))
+        points = sorted((m.step, m.value) for m in client.get_metric_history(run_id, f"train/ce_head{k}"))
         ax.plot([s for s, _ in points], [v for _, v in points], label=f"head {k} (t+{k + 1})")
     ax.set(xlabel="optimizer step", ylabel="cross-entropy", title=f"per-head CE to step {step}")
     ax.legend()

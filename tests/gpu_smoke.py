@@ -197,7 +197,7 @@ def run_metrics(work: str) -> dict[str, dict[str, dict[int, float]]]:
     out = {}
     for run in client.search_runs([exp.experiment_id]):
         metrics = {}
-        for name in ("loss", "tokens_per_s"):
+        for name in ("train/loss", "time/tokens_per_s"):
             history = sorted(
                 client.get_metric_history(run.info.run_id, name), key=lambda m: m.timestamp
             )
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if ok:
         metrics = run_metrics(work)
-        full, resumed = metrics["full"]["loss"], metrics["cut"]["loss"]
+        full, resumed = metrics["full"]["train/loss"], metrics["cut"]["train/loss"]
         diff = max((abs(full[s] - resumed.get(s, float("inf"))) for s in full), default=0.0)
         same = sorted(full) == sorted(resumed) and diff <= args.loss_tol
         early = [s for s in full if s <= CRASH_STEP - 2 and full[s] != resumed.get(s)]
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             good, detail = False, f"{type(exc).__name__}: {exc}"
         results.append(("final model generates in transformers", good, detail))
         print(f"{'PASS' if good else 'FAIL'}  final model generates in transformers: {detail}")
-        speeds = [v for s, v in metrics["full"]["tokens_per_s"].items() if s > 1]
+        speeds = [v for s, v in metrics["full"]["time/tokens_per_s"].items() if s > 1]
         if speeds:
             print(
                 f"tokens/s: {statistics.median(speeds):,.0f} (all {nproc} processes, median of {len(speeds)} steps)"

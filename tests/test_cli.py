@@ -101,7 +101,7 @@ def test_load_config_none_runs_the_default_trainer(tmp_path, tiny):
     assert sorted(os.listdir(tmp_path / "runs")) == ["checkpoints", "mlflow-artifacts"]
     assert io_stream.exists(os.path.join(out["run_dir"], "final", "mtp.json"))
     # transformers' warmup (train.warmup_steps 4) from lr 0: lr after step s is 1e-3 * s / 4
-    lrs = mlflow.MlflowClient().get_metric_history(out["run_id"], "lr")
+    lrs = mlflow.MlflowClient().get_metric_history(out["run_id"], "train/lr")
     assert {m.step: m.value for m in lrs} == pytest.approx({1: 2.5e-4, 2: 5e-4}, abs=1e-12)
 
 
@@ -154,9 +154,11 @@ def test_rho1_runs_on_the_default_config(algo, tiny, capsys):
     assert "reference: " in capsys.readouterr().err  # the startup summary lists the copy
     (run,) = runs_of(tiny)
     assert run.info.run_name.startswith(f"mtp-{algo}-")  # named by stage
-    assert run.data.params["paths.models.ref"] == "base" and math.isfinite(run.data.metrics["loss"])
+    assert run.data.params["paths.models.ref"] == "base" and math.isfinite(
+        run.data.metrics["train/loss"]
+    )
     if algo == "rho1-tokenskip":
-        assert run.data.metrics["weight_kept"] == pytest.approx(0.7, abs=0.05)
+        assert run.data.metrics["weights/kept"] == pytest.approx(0.7, abs=0.05)
 
 
 # -- item 2: say what is happening --------------------------------------------------------------

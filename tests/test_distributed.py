@@ -65,7 +65,7 @@ def losses_by_step(client, run_id: str) -> dict[int, float]:
     """The last logged loss of each step (a resumed run re-logs the steps after its checkpoint)."""
     return {
         m.step: m.value
-        for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.timestamp)
+        for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.timestamp)
     }
 
 
@@ -86,7 +86,7 @@ def test_two_processes_crash_mid_checkpoint_and_resume_exactly(s3, tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("wmtp").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["cut", "full"]  # rank 1 never opened a run
     by_name = {r.info.run_name: r for r in runs}
-    history = client.get_metric_history(by_name["full"].info.run_id, "loss")
+    history = client.get_metric_history(by_name["full"].info.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]  # logged once per step: rank 0 only
     expected = losses_by_step(client, by_name["full"].info.run_id)
     assert losses_by_step(client, by_name["cut"].info.run_id) == expected

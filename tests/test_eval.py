@@ -368,7 +368,7 @@ def test_periodic_pass_at_1_is_logged_beside_the_loss(tmp_path):
     cfg = load_config(os.path.join(ROOT, "config.yaml"), overrides(tmp_path, *extra))
     out = train_mtp.train(cfg)
     client = mlflow.MlflowClient()
-    for name in ("loss", "pass_at_1/humaneval", "pass_at_1/mbpp"):
+    for name in ("train/loss", "eval/pass_at_1/humaneval", "eval/pass_at_1/mbpp"):
         assert [m.step for m in client.get_metric_history(out["run_id"], name)] == [1, 2]
 
 
@@ -397,3 +397,13 @@ def test_cli_speculative_gives_the_same_samples_and_logs_acceptance(tmp_path, ca
     metrics = spec[0].data.metrics
     assert metrics["decode/tokens_per_forward"] >= 1.0
     assert all(0.0 <= metrics[f"decode/head{j}_acceptance"] <= 1.0 for j in (1, 2, 3))
+
+
+def test_sampling_seeds_each_batch_with_seed_plus_its_first_index():
+    model, tok = tiny(seed=3), byte_tokenizer()
+    prompts = [f"def f{i}(x):\n" for i in range(6)]
+    kw = dict(n=2, temperature=1.0, max_new_tokens=6, batch_size=3)
+    whole = generate(model, tok, prompts, seed=10, **kw)
+    assert generate(model, tok, prompts[3:], seed=13, **kw) == whole[3:]
+    assert generate(model, tok, prompts[:3], seed=10, **kw) == whole[:3]
+    assert generate(model, tok, prompts, seed=11, **kw) != whole

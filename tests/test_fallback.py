@@ -326,7 +326,7 @@ def test_a_trainer_whose_endpoint_dies_mid_dataset_trains_on_from_the_mirror(
 
 def losses_by_step(run_id: str) -> dict[int, float]:
     """The last logged loss of each step (a resumed run logs the steps after its checkpoint)."""
-    history = mlflow.MlflowClient().get_metric_history(run_id, "loss")
+    history = mlflow.MlflowClient().get_metric_history(run_id, "train/loss")
     return {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
 
 

@@ -274,7 +274,7 @@ def test_second_trainer_refused_then_killed_run_resumed(tmp_path, capsys):
     note = after.data.tags[f"resumed_with_changes_at_step_{step}"]
     assert note == changed
     # the new lr is the one used: constant schedule after 1 warmup step, so lr == train.lr
-    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "lr")
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/lr")
     last = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
     assert last[step] == pytest.approx(1e-3) and last[step + 2] == pytest.approx(2e-3)
     assert not (run_dir / ".lock").exists()

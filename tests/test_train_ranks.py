@@ -144,7 +144,7 @@ def test_accumulation_and_ranks_give_the_same_update(tmp_path):
         assert off < 200 and moved > 100_000, (name, off, moved)  # vs ~69,000 off with the bug
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name("wmtp").experiment_id
-    logged = {r.info.run_name: r.data.metrics["loss"] for r in client.search_runs([exp])}
+    logged = {r.info.run_name: r.data.metrics["train/loss"] for r in client.search_runs([exp])}
     assert logged["b2a2"] == pytest.approx(logged["b4"], rel=1e-5)
     assert logged["ddp"] == pytest.approx(logged["b4"], rel=1e-5)
     assert logged["fsdp"] == pytest.approx(logged["b4"], rel=1e-5)
