@@ -23,6 +23,7 @@ from typing import NamedTuple  # noqa: E402
 import mlflow  # noqa: E402
 import torch  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
+from msgspec.structs import asdict  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import io_stream  # noqa: E402
@@ -242,18 +243,8 @@ def weight_fn(cfg: Config, labels: torch.Tensor, ref_ce: torch.Tensor | None, va
                 eps=c.eps,
                 max_weight=c.max_weight,
             )
-        r = cfg.rho1
-        return rho1_weights(
-            rho1_excess(ce, ref_ce),
-            labels,
-            mode="skip" if algo == "rho1-tokenskip" else "weighted",
-            temperature=r.temperature,
-            keep_ratio=r.keep_ratio,
-            normalize=r.normalize,
-            eps=r.eps,
-            max_weight=r.max_weight,
-            scope=r.scope,
-        )
+        mode = "skip" if algo == "rho1-tokenskip" else "weighted"
+        return rho1_weights(rho1_excess(ce, ref_ce), labels, mode=mode, **asdict(cfg.rho1))
 
     weights.needs_ce = algo != "critic"  # the critic reads only head 0's hidden state: no CE pass
     return weights
