@@ -58,6 +58,7 @@ from wmtp_stats import (  # noqa: E402
     mcnemar_exact,
     paired_bootstrap,
     paired_table,
+    pass_at_k_interval,
     pass_at_k_per_problem,
     t_interval,
     welch_interval,
@@ -204,12 +205,18 @@ def per_algorithm(groups: dict[str, list[Entry]]) -> list[str]:
         cells = [fmt(*t_interval([final(e, m) for e in es])) for m in ["heldout/ce", *heads]]
         for d in datasets:
             for k in ks:
-                runs = [e.results["datasets"][d] for e in es if e.results]
-                values = [r["pass@k"][str(k)] for r in runs]
-                if len(values) == 1:  # one seed: the evaluation's own interval over problems
-                    cells.append(fmt(values[0], *runs[0]["interval"][str(k)]))
-                else:
-                    cells.append(fmt(*t_interval(values)) if values else "n/a")
+                # every (problem, seed) as one trial: Wilson for one sample each, else bootstrap
+                counts = [
+                    c
+                    for e in es
+                    if e.results
+                    for c in e.results["datasets"][d]["per_problem"].values()
+                ]
+                if not counts:
+                    cells.append("n/a")
+                    continue
+                mean = float(np.mean(pass_at_k_per_problem(counts, k)))
+                cells.append(fmt(mean, *pass_at_k_interval(counts, k)))
         lines.append(f"| {algo} | {len(es)} | " + " | ".join(cells) + " |")
     return lines
 
@@ -316,7 +323,8 @@ def figures(groups: dict[str, list[Entry]], out: str) -> list[str]:
         ax = fig.subplots()
         for i, (_, _, k, r) in enumerate(bars):
             value, (lo, hi) = r["pass@k"][str(k)], r["interval"][str(k)]
-            ax.bar(i, value, yerr=[[value - lo], [hi - value]], capsize=4)
+            err = [[max(0.0, value - lo)], [max(0.0, hi - value)]]  # float noise at 0 or 1
+            ax.bar(i, value, yerr=err, capsize=4)
         ax.set_xticks(range(len(bars)), [f"{a}\n{d} pass@{k}" for a, d, k, _ in bars], fontsize=7)
         ax.set(ylabel="pass@k (95% interval; first seed)", ylim=(0, 1))
         written.append(io_stream.join(out, "pass_at_k.png"))
@@ -341,8 +349,9 @@ def report(cfg: Config, entries: list[Entry], baseline: str, out: str) -> tuple[
     lines = [
         "# Comparison of algorithms",
         "",
-        f"Baseline: {baseline}. Intervals are 95%: over seeds (Student's t) where an algorithm has",
-        "several, else over problems (Wilson for pass@1 with one sample, bootstrap otherwise).",
+        f"Baseline: {baseline}. Intervals are 95%. Held-out CE: Student's t over seeds (none for one",
+        "seed). pass@k: over every problem of every seed (Wilson with one sample per problem, else a",
+        "bootstrap over problems).",
         "heldout/ce is plain per-head cross-entropy on a split no algorithm trained or was evaluated on.",
         "",
         *per_algorithm(groups),

@@ -28,7 +28,8 @@ def main() -> None:
     head = ValueHead(model.config.hidden_size).to(acc.device)
     head.load_state_dict(io_stream.read_safetensors(cfg.paths.value_head))
     held = train_critic.evaluate(cfg, model, head, tokenizer, None, acc)
-    print(json.dumps({"rank": acc.process_index, "steps": len(res["losses"]), **held}), flush=True)
+    line = json.dumps({"rank": acc.process_index, "steps": len(res["losses"]), **held}) + "\n"
+    os.write(1, line.encode())  # one write: the two ranks' lines never interleave
     end_distributed()
     sys.stdout.flush()
     os._exit(0)  # gloo's threads can abort interpreter teardown after the result was printed

@@ -13,7 +13,7 @@ import eval_mtp
 import io_stream
 import train_mtp
 from wmtp import ConfigError, load_config
-from wmtp_stats import mcnemar_exact
+from wmtp_stats import mcnemar_exact, wilson_interval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "config.yaml")
@@ -155,6 +155,8 @@ def test_paired_numbers_on_hand_made_evaluations(tmp_path):
     diff, lo, hi = numbers["heldout_ce_diff"]
     assert diff == pytest.approx(1.85 - 2.1) and lo < diff < hi
     assert "| rho1-weighted | 2 | 1.8500 [" in text
+    lo, hi = wilson_interval(26, 40)  # pass@1 pools every problem of both seeds: 13 of 20 each
+    assert f"| 0.6500 [{lo:.4f}, {hi:.4f}] |" in text
     with pytest.raises(ConfigError, match="its eval used temperature 0.7"):
         other = entry("critic", "1", a, 1.0)
         other.results["settings"]["temperature"] = 0.7
