@@ -142,7 +142,12 @@ def _bwrap_command(layout: dict) -> list[str]:
 def _start(backend: str, drop: bool, guard: bool, tmp: str | None) -> subprocess.Popen:
     """A sandbox server for one backend, its socket in `.channel`."""
     cfg = {"backend": backend, "drop": drop, "guard": guard, "runner": RUNNER} | _layout()
-    cfg["tmp"] = os.path.realpath(tmp or tempfile.gettempdir())
+    scratch = None
+    if backend == "hook":  # the programs' folders go in one of the server's own, which the
+        # evaluator removes when it stops the server, even one that was killed
+        scratch = tempfile.mkdtemp(prefix="wmtp-sandbox-", dir=tmp or tempfile.gettempdir())
+        os.chmod(scratch, 0o711)  # uid 65534 (root's programs) reaches its folder, lists none
+    cfg["tmp"] = os.path.realpath(scratch or "/tmp")
     if backend == "bwrap":
         cfg["bwrap"] = _bwrap_command(cfg)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -158,10 +163,12 @@ def _start(backend: str, drop: bool, guard: bool, tmp: str | None) -> subprocess
         )
     except BaseException:
         ours.close()
+        if scratch:
+            _remove_tree(scratch)
         raise
     finally:
         theirs.close()
-    server.channel, server.isolation = ours, backend
+    server.channel, server.isolation, server.scratch = ours, backend, scratch
     return server
 
 
@@ -247,6 +254,11 @@ def stop_sandbox(sandbox: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(sandbox.pid, signal.SIGKILL)
         sandbox.wait()
+    if sandbox.scratch and os.path.lexists(sandbox.scratch):
+        for _ in range(50):  # a killed server's runners die just after it (PR_SET_PDEATHSIG)
+            if _remove_tree(sandbox.scratch) is None:
+                break
+            time.sleep(0.1)
 
 
 def _ask(sandbox: subprocess.Popen, job: dict, wait: float) -> str | None:
@@ -316,8 +328,7 @@ def check_program(
             status = None
         if status is None:
             os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-            server.channel.close()
+            stop_sandbox(server)  # reaps it and removes its folder
             return False, "failed: the sandbox stopped"
         return status == "passed", status
     finally:
@@ -596,8 +607,9 @@ def _kill(pid: int, ns: int | None) -> None:
             pass
 
 
-def _reap_all() -> None:
-    """Kill and reap every child of the server's left (orphans come here: it is a subreaper)."""
+def _reap_all(keep: int | None = None) -> None:
+    """Kill and reap every child of the server's but `keep` (the next job's runner, waiting):
+    the job's top process and its orphans (they come here: the server is a subreaper)."""
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -608,7 +620,7 @@ def _reap_all() -> None:
         me = os.getpid()
         try:
             with open(f"/proc/{me}/task/{me}/children") as f:
-                children = [int(p) for p in f.read().split()]
+                children = [int(p) for p in f.read().split() if int(p) != keep]
         except OSError:
             children = []
         for child in children:  # still zombies or alive, so the pids are still theirs
@@ -616,10 +628,12 @@ def _reap_all() -> None:
                 os.kill(child, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        try:
-            os.waitpid(-1, 0)
-        except ChildProcessError:
-            return
+        for child in children:
+            try:
+                os.waitpid(child, 0)
+            except ChildProcessError:
+                pass
+        return
 
 
 def _remove_tree(top: str, limit: int = CLEANUP_ENTRIES) -> str | None:
@@ -694,46 +708,79 @@ def _outcome(tail: bytes, sentinel: str, status: int | None, backend: str) -> st
     return f"failed: exited with code {code} before the end{why}"
 
 
-def _run_job(cfg: dict, code: bytes, job: dict) -> str:
-    """Run one job from start to cleanup; its status."""
+def _prepare(cfg: dict) -> dict:
+    """Start a runner (its namespaces and interpreter) that waits for its job on a pipe: the
+    server starts the next job's while the current one runs, so that start costs no wall time."""
+    hook = cfg["backend"] == "hook"
+    home = tempfile.mkdtemp(prefix="wmtp-check-", dir=cfg["tmp"]) if hook else "/tmp"
+    job_r, job_w = os.pipe()
+    out_r, out_w = os.pipe()
+    info_r, info_w = os.pipe()
+    try:
+        if hook and cfg["drop"]:
+            os.chown(home, NOBODY, NOBODY)
+        pid = _spawn(cfg, home, job_r, out_w, info_w)
+    except BaseException:
+        for fd in (job_w, out_r, info_r):
+            os.close(fd)
+        if hook:
+            _remove_tree(home)
+        raise
+    finally:
+        for fd in (job_r, out_w, info_w):  # the output ends when the job's processes do
+            os.close(fd)
+    return {"pid": pid, "home": home, "job": job_w, "out": out_r, "info": info_r}
+
+
+def _deliver(cfg: dict, code: bytes, job: dict, runner: dict) -> str:
+    """Send `runner` its job (the runner's code, the program, limits); the sentinel."""
     import marshal
 
     sentinel = secrets.token_hex(16)
     hook = cfg["backend"] == "hook"
-    home = tempfile.mkdtemp(prefix="wmtp-check-", dir=cfg["tmp"]) if hook else "/tmp"
-    fds: list[int] = []
+    task = {k: job[k] for k in ("program", "memory", "cpu", "fsize")} | {
+        "sentinel": sentinel,
+        "home": runner["home"],
+        "guard": cfg["guard"],
+        "reads": cfg["ro"] + cfg["files"] if hook else None,
+        "path": cfg["path"],
+    }
+    data = memoryview(marshal.dumps((code, task)))
     try:
-        if hook and cfg["drop"]:
-            os.chown(home, NOBODY, NOBODY)
-        task = {k: job[k] for k in ("program", "memory", "cpu", "fsize")} | {
-            "sentinel": sentinel,
-            "home": home,
-            "guard": cfg["guard"],
-            "reads": cfg["ro"] + cfg["files"] if hook else None,
-            "path": cfg["path"],
-        }
-        job_fd = os.memfd_create("wmtp-job", os.MFD_CLOEXEC)
-        fds.append(job_fd)
-        os.write(job_fd, marshal.dumps((code, task)))
-        os.lseek(job_fd, 0, os.SEEK_SET)
-        out_r, out_w = os.pipe()
-        info_r, info_w = os.pipe()
-        fds += [out_r, out_w, info_r, info_w]
-        deadline = time.monotonic() + job["timeout"]
-        pid = _spawn(cfg, home, job_fd, out_w, info_w)
-        for fd in (job_fd, out_w, info_w):  # the output ends when the job's processes do
-            os.close(fd)
-            fds.remove(fd)
-        tail, status = _watch(out_r, info_r, pid, deadline, job["tail"])
+        while data:
+            data = data[os.write(runner["job"], data) :]
+    except BrokenPipeError:  # the runner is gone: its output says why
+        pass
+    finally:
+        os.close(runner["job"])
+    return sentinel
+
+
+def _finish(cfg: dict, job: dict, runner: dict, sentinel: str, deadline: float, keep) -> str:
+    """Watch a delivered job to its end, kill and reap what is left, remove its folder; its
+    status."""
+    try:
+        tail, status = _watch(runner["out"], runner["info"], runner["pid"], deadline, job["tail"])
         outcome = _outcome(tail, sentinel, status, cfg["backend"])
     finally:
-        for fd in fds:
-            os.close(fd)
-        _reap_all()
-        left = _remove_tree(home) if hook else None
+        os.close(runner["out"])
+        os.close(runner["info"])
+        _reap_all(keep)
+        left = _remove_tree(runner["home"]) if cfg["backend"] == "hook" else None
     if left is not None:
         return f"failed: the temp folder could not be removed ({left[:200]})"
     return outcome
+
+
+def _discard(cfg: dict, runner: dict | None) -> None:
+    """Kill and reap a runner that got no job, and remove its folder."""
+    if runner is not None:
+        for fd in (runner["job"], runner["out"], runner["info"]):
+            os.close(fd)
+        _kill(runner["pid"], None)
+        _reap_all()
+        if cfg["backend"] == "hook":
+            _remove_tree(runner["home"])
 
 
 def serve(cfg: dict) -> None:
@@ -747,20 +794,31 @@ def serve(cfg: dict) -> None:
         _call(_libc(), "prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # a job's orphans come here
     except OSError:
         pass
-    sock, data = socket.socket(fileno=0), b""
-    while True:
-        while b"\n" not in data:
-            chunk = sock.recv(1 << 20)
-            if not chunk:
-                return
-            data += chunk
-        line, _, data = data.partition(b"\n")
-        job = json.loads(line)
-        try:
-            status = _run_job(cfg, code, job)
-        except Exception as exc:  # noqa: BLE001 - that job fails, the server carries on
-            status = f"failed: sandbox error ({type(exc).__name__}: {exc})"
-        sock.sendall(json.dumps({"id": job.get("id"), "status": status}).encode() + b"\n")
+    sock, data, ready = socket.socket(fileno=0), b"", None
+    try:
+        while True:
+            while b"\n" not in data:
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    return
+                data += chunk
+            line, _, data = data.partition(b"\n")
+            job = json.loads(line)
+            try:
+                runner, ready = ready or _prepare(cfg), None
+                deadline = time.monotonic() + job["timeout"]
+                sentinel = _deliver(cfg, code, job, runner)
+                try:
+                    ready = _prepare(cfg)
+                except Exception:  # noqa: BLE001 - then the next job starts its own
+                    ready = None
+                keep = ready["pid"] if ready else None
+                status = _finish(cfg, job, runner, sentinel, deadline, keep)
+            except Exception as exc:  # noqa: BLE001 - that job fails, the server carries on
+                status = f"failed: sandbox error ({type(exc).__name__}: {exc})"
+            sock.sendall(json.dumps({"id": job.get("id"), "status": status}).encode() + b"\n")
+    finally:
+        _discard(cfg, ready)
 
 
 if __name__ == "__main__":

@@ -92,15 +92,21 @@ def victim(tmp_path):
 
 
 def _runners() -> list[int]:
-    """Pids of sandbox runners alive on this machine (their command line is BOOT)."""
+    """Pids of sandbox runners alive on this machine (their command line is BOOT) that have
+    their job: a server keeps the next job's runner waiting, its stdin still the job's pipe."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"import marshal,os" in f.read():
-                    found.append(int(pid))
+                if b"import marshal,os" not in f.read():
+                    continue
+            if os.readlink(f"/proc/{pid}/fd/0").startswith("pipe:"):
+                continue  # waiting for a job (bwrap itself keeps the pipe too)
+        except FileNotFoundError:  # gone meanwhile
+            continue
         except OSError:
-            pass
+            pass  # not ours to inspect: counted
+        found.append(int(pid))
     return found
 
 
