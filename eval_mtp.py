@@ -83,7 +83,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import io_stream  # noqa: E402
-from wmtp import Config, ConfigError, redact  # noqa: E402
+from wmtp import CREDENTIALS_HINT, Config, ConfigError, redact  # noqa: E402
 from wmtp_data import dataset_file  # noqa: E402
 from wmtp_eval import evaluate, load_problems, score  # noqa: E402
 from wmtp_model import MTP_JSON, detect_format, load_model, load_tokenizer  # noqa: E402
@@ -93,6 +93,18 @@ from wmtp_train import load_checkpoint_model, setup  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Which model, which training run
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Locations on the command line are checked as the config's are: no credentials inside
+    (user:password@, a signed query, a key id), which would end up in tags, paths and messages."""
+    for flag in ("model", "out", "samples"):
+        value = getattr(args, flag)
+        if value and redact(value) != value:
+            raise ConfigError(
+                f"--{flag}: credentials inside the value (user:password@, a signed query or a key "
+                f"id); {CREDENTIALS_HINT}"
+            )
 
 
 def newest_final(root: str) -> str:
@@ -164,17 +176,19 @@ def open_model(cfg: Config, model_arg: str) -> tuple:
     if not names:
         raise ConfigError(f"--model {model_arg}: no such model folder ({path})")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if io_stream.MANIFEST in names:  # a training checkpoint
-        tokenizer, model, step = load_checkpoint_model(path)
-        return model.to(device).eval(), tokenizer, path, step, path.rstrip("/").rsplit("/", 1)[-1]
-    try:
+    try:  # a folder that is not a loadable model is bad input (exit 2); S3 being down is not
+        if io_stream.MANIFEST in names:  # a training checkpoint
+            tokenizer, model, step = load_checkpoint_model(path)
+            label = path.rstrip("/").rsplit("/", 1)[-1]
+            return model.to(device).eval(), tokenizer, path, step, label
         fmt = detect_format(path, names)
-    except ValueError as exc:
-        raise ConfigError(f"--model {model_arg}: {exc}") from None
-    model = load_model(path, kind="causal" if fmt == "hf" else "mtp", device=device)
+        model = load_model(path, kind="causal" if fmt == "hf" else "mtp", device=device)
+        tokenizer = load_tokenizer(path)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"--model {model_arg}: {str(exc).splitlines()[0]}") from None
     if label == "model":
         label = path.rstrip("/").rsplit("/", 1)[-1]
-    return model, load_tokenizer(path), path, None, label
+    return model, tokenizer, path, None, label
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,8 +415,13 @@ def rescore(cfg: Config, samples: str, out: str, quiet: bool) -> dict[str, dict]
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
     args = parse_args(argv)
+    check_arguments(args)
     cfg = setup(args)
     e = cfg.eval
+    if args.speculative and e.temperature != 0:
+        raise ConfigError(
+            f"--speculative is greedy decoding: it needs temperature 0, not {e.temperature}"
+        )
     for name in e.datasets:
         if name not in cfg.paths.datasets:
             raise ConfigError(
@@ -420,6 +439,11 @@ def main(argv: list[str] | None = None) -> None:
     else:
         model_arg = args.model or newest_final(cfg.paths.checkpoints)
         model, tokenizer, path, step, label = open_model(cfg, model_arg)
+        positions = model.config.max_position_embeddings
+        if e.max_new_tokens >= positions:
+            raise ConfigError(
+                f"--max-new-tokens {e.max_new_tokens}: does not fit in the model's {positions} positions"
+            )
         parent = existing_run(args.run_id or run_of(model_arg, path))
         if args.run_id and parent is None:
             raise ConfigError(f"--run-id {args.run_id}: no such MLflow run")

@@ -346,12 +346,27 @@ def test_samples_rescore_to_the_same_results_and_a_killed_evaluation_resumes(tmp
         (["--limit", "0"], "eval.limit"),
         (["--run-id", "0123456789abcdef"], "no such MLflow run"),
         ([], "no trained model under"),
+        (["--model", "BADMODEL"], "config.json: not valid JSON"),
+        (
+            ["--max-new-tokens", "100000"],
+            "--max-new-tokens 100000: does not fit in the model's 128 positions",
+        ),
+        (["--speculative", "--temperature", "0.5"], "--speculative is greedy decoding"),
+        (
+            ["--out", "s3://AKIAIOSFODNN7EXAMPLE:secret@bkt/x"],
+            "--out: credentials inside the value",
+        ),
     ],
 )
 def test_cli_misuse_exits_2_with_one_line(args, message, tmp_path, capsys):
-    if args[:1] == ["--run-id"]:
+    if args[:1] in (["--run-id"], ["--max-new-tokens"]):
         save_model(tiny(), str(tmp_path / "m"), byte_tokenizer())
         args = [*args, "--model", str(tmp_path / "m")]
+    if "BADMODEL" in args:  # a folder with a config.json that is not JSON
+        (tmp_path / "bad").mkdir()
+        (tmp_path / "bad" / "config.json").write_text("{not json")
+        (tmp_path / "bad" / "model.safetensors").write_bytes(b"")
+        args = ["--model", str(tmp_path / "bad")]
     with pytest.raises(SystemExit) as exc:
         eval_mtp.run_cli(
             eval_mtp.main,
