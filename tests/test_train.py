@@ -357,3 +357,41 @@ def test_nothing_to_train_is_an_error_before_anything_is_registered(case, tmp_pa
     assert not mlflow.search_registered_models()
     [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.info.status == "FAILED"
+
+
+PYFUNC_PROBE = r"""
+import sys
+# the kit must come from the MLflow model's own code, not from this checkout or its editable install
+sys.path = [p for p in sys.path if p not in ("", ROOT)]
+sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+import mlflow
+for mod in ("wmtp", "wmtp_decode", "wmtp_eval", "io_stream"):
+    try:
+        __import__(mod)
+    except ImportError:
+        pass
+    else:
+        raise SystemExit(f"the kit is importable here: {mod}")
+mlflow.set_tracking_uri(URI)
+out = mlflow.pyfunc.load_model("models:/wmtp_mtp_model/1").predict(["def add(a, b):\n"])
+print(len(out), type(out[0]).__name__)
+"""
+
+
+def test_the_registered_model_loads_where_the_kit_is_not_importable(tmp_path):
+    out = run_stage2(
+        make_config(str(tmp_path), tmp_path, "train.max_steps=1", "eval.max_new_tokens=4")
+    )
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    probe = PYFUNC_PROBE.replace("ROOT", repr(ROOT)).replace("URI", repr(uri))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTHONPATH"))}
+    r = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["1", "str"] and out["run_id"]
