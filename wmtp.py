@@ -67,47 +67,47 @@ class MLflow(_Strict):
 class ModelDims(_Strict):
     """The random model built when paths.models.base is null: init_mtp_model's keyword arguments."""
 
-    vocab_size: int = 259
-    dim: int = 128
-    n_layers: int = 6
-    n_heads: int = 4
-    n_attn_heads: int = 4
-    n_kv_heads: int | None = 2
-    max_seq_len: int = 512
+    vocab_size: Annotated[int, msgspec.Meta(ge=1)] = 259
+    dim: Annotated[int, msgspec.Meta(ge=1)] = 128
+    n_layers: Annotated[int, msgspec.Meta(ge=1)] = 6
+    n_heads: Annotated[int, msgspec.Meta(ge=1)] = 4
+    n_attn_heads: Annotated[int, msgspec.Meta(ge=1)] = 4
+    n_kv_heads: Annotated[int, msgspec.Meta(ge=1)] | None = 2
+    max_seq_len: Annotated[int, msgspec.Meta(ge=2)] = 512
 
 
 class Data(_Strict):
     train: list[str] = msgspec.field(default_factory=lambda: ["mbpp"])
     split: str = "train"
-    heldout_fraction: float = 0.1
+    heldout_fraction: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.1
     heldout: list[str] = msgspec.field(default_factory=lambda: ["mbpp"])
     heldout_split: str = "validation"
-    max_length: int = 384
+    max_length: Annotated[int, msgspec.Meta(ge=2)] = 384
     prompt_loss: bool = False
     shuffle: bool = True
 
 
 class Train(_Strict):
     algo: Literal["baseline", "critic", "rho1-weighted", "rho1-tokenskip"] = "baseline"
-    epochs: int = 100
+    epochs: Annotated[int, msgspec.Meta(ge=1)] = 100
     max_steps: int = 100
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 1e-3
-    weight_decay: float = 0.0
+    weight_decay: Annotated[float, msgspec.Meta(ge=0, le=1e6)] = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_steps: int = 4
-    grad_clip: float = 1.0
+    warmup_steps: Annotated[int, msgspec.Meta(ge=0)] = 4
+    grad_clip: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     log_every: int = 5
     plot_every: Annotated[int, msgspec.Meta(ge=0)] = 25
     heldout_every: Annotated[int, msgspec.Meta(ge=0)] = 25
     save_every: int = 50
-    keep_last: int = 2
+    keep_last: Annotated[int, msgspec.Meta(ge=0)] = 2
     seed: int = 42
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     run_name: str | None = None
-    shard_frozen_over_gib: float = 6.0
+    shard_frozen_over_gib: Annotated[float, msgspec.Meta(ge=0)] = 6.0
     checkpoint_fallback: bool = False
     compile: bool = False
     deterministic: bool = False
@@ -115,28 +115,28 @@ class Train(_Strict):
 
 
 class Critic(_Strict):
-    gamma: float = 0.99
-    discount: float = 0.95
-    temperature: float = 0.7
+    gamma: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.99
+    discount: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.95
+    temperature: Annotated[float, msgspec.Meta(gt=0, le=1e6)] = 0.7
     normalize: Literal["heads", "tokens"] = "heads"
     eps: float = 0.05
     max_weight: float = 3.0
-    value_coef: float = 0.0
-    value_lr: float = 1e-5
+    value_coef: Annotated[float, msgspec.Meta(ge=0, le=1e6)] = 0.0
+    value_lr: Annotated[float, msgspec.Meta(gt=0, le=1e3)] = 1e-5
     value_head: str | None = None
     lr: float = 1e-3
     max_steps: int = 60
     batch_size: int = 8
     eval_every: int = 10
-    patience: int = 3
-    min_delta: float = 1e-4
+    patience: Annotated[int, msgspec.Meta(ge=1)] = 3
+    min_delta: Annotated[float, msgspec.Meta(ge=0, le=1e6)] = 1e-4
 
 
 class Rho1(_Strict):
-    temperature: float = 0.7
+    temperature: Annotated[float, msgspec.Meta(gt=0, le=1e6)] = 0.7
     normalize: Literal["heads", "tokens"] = "tokens"
     scope: Literal["head", "batch"] = "head"
-    keep_ratio: float = 0.7
+    keep_ratio: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.7
     eps: float = 0.05
     max_weight: float = 3.0
 
@@ -152,7 +152,7 @@ class Eval(_Strict):
     batch_size: Annotated[int, msgspec.Meta(ge=1)] = 8
     limit: Annotated[int, msgspec.Meta(ge=1)] | None = 20
     workers: Annotated[int, msgspec.Meta(ge=1)] = 2
-    timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 10.0
     seed: int = 0
     every: Annotated[int, msgspec.Meta(ge=0)] = 0
 
@@ -506,6 +506,15 @@ def _check_values(cfg: Config, source: str, overrides: list[str] | tuple[str, ..
     """Refuse values that cannot work (a step count of 0, a NaN lr, beta 1) and credentials
     inside a location (they would be printed in errors and logged), naming the key."""
     t, c, p = cfg.train, cfg.critic, cfg.paths
+    if cfg.model.n_heads > cfg.model.n_layers:
+        raise ConfigError(
+            f"{_where('model.n_heads', source, overrides)}: {cfg.model.n_heads} heads need at least "
+            f"as many blocks, model.n_layers is {cfg.model.n_layers} (Meta's counting: trunk + heads)"
+        )
+    if t.run_name is not None and not t.run_name.strip():
+        raise ConfigError(
+            f"{_where('train.run_name', source, overrides)}: blank; null names the run by time"
+        )
     counts = {
         "train.max_steps": t.max_steps,
         "train.batch_size": t.batch_size,
