@@ -23,8 +23,8 @@ Isolation (`isolation=`, or `eval.sandbox` in the config):
 Either way, per program: a fresh `python -I -S -B` (the runner) with an empty environment,
 limits on address space, CPU seconds, file size, processes (none) and core dumps, the audit
 hook, and success only as "ran to its end" (a random sentinel the runner writes afterwards).
-The server, one per worker and started with an empty environment, watches each program from
-outside: at its end or after `timeout` seconds it kills the whole PID namespace (hook mode:
+The server, one per worker and started with an empty environment, starts each job's runner
+while the job before runs (so its start costs no wall time) and watches it from outside: at its end or after `timeout` seconds it kills the whole PID namespace (hook mode:
 the process group), reaps every child (it is their subreaper), removes the temp folder
 without recursion, and answers on a socket only it and the evaluator hold, tagged with the
 job's id, so nothing a program does can reach another job's result.
@@ -211,6 +211,7 @@ def _choose(isolation: str) -> tuple[str, bool, str]:
         raise RuntimeError(f"sandbox: no namespaces on this machine ({'; '.join(errors)})")
     drop = root and _probe("hook", drop=True) is None
     why = "asked for" if isolation == "hook" else "no namespaces here: " + "; ".join(errors)
+    why = "the in-process guard only, " + why
     _CHOSEN[isolation] = ("hook", drop, why)
     return _CHOSEN[isolation]
 
@@ -237,7 +238,7 @@ def start_sandbox(
     if backend == "hook" and isolation == "auto" and not _WARNED:
         _WARNED.append(why)
         warnings.warn(
-            f"sandbox: programs run under the in-process guard only ({why})",
+            f"sandbox: {why} (install bubblewrap, or allow user namespaces, for more)",
             RuntimeWarning,
             stacklevel=2,
         )
