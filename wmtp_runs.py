@@ -50,12 +50,31 @@ def mlflow_connect(cfg: Config) -> str:
         mlflow.set_registry_uri(cfg.mlflow.registry_uri)
     db = uri[len("sqlite:///") :].split("?")[0] if uri.startswith("sqlite:///") else ""
     with file_lock(db + ".lock") if db else contextlib.nullcontext():
+        if db:
+            build_sqlite_store(db)
         exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
         if exp is not None:
             return exp.experiment_id
         return mlflow.create_experiment(
             cfg.mlflow.experiment, artifact_location=cfg.mlflow.artifact_location
         )
+
+
+def build_sqlite_store(db: str) -> None:
+    """Create a missing SQLite tracking store whole: MLflow builds and migrates its tables in a
+    file beside it, which is renamed into place when complete, so that a process killed at any
+    moment leaves no store or a complete one (a half-migrated file failed every later start).
+    Call it under the store's file lock; a builder's leftover `<db>.new-<pid>` is removed."""
+    folder, name = os.path.split(os.path.abspath(db))
+    for old in os.listdir(folder) if os.path.isdir(folder) else []:
+        if old.startswith(name + ".new-"):
+            os.remove(os.path.join(folder, old))
+    if os.path.exists(db):
+        return
+    os.makedirs(folder, exist_ok=True)
+    new = f"{db}.new-{os.getpid()}"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{new}").search_experiments(max_results=1)
+    os.replace(new, db)
 
 
 @contextlib.contextmanager
@@ -249,7 +268,9 @@ def log_head_plots(run_id: str, step: int, n_heads: int, hist: torch.Tensor | No
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
     for k in range(n_heads):
-        points = sorted((m.step, m.value) for m in client.get_metric_history(run_id, f"train/ce_head{k}"))
+        points = sorted(
+            (m.step, m.value) for m in client.get_metric_history(run_id, f"train/ce_head{k}")
+        )
         ax.plot([s for s, _ in points], [v for _, v in points], label=f"head {k} (t+{k + 1})")
     ax.set(xlabel="optimizer step", ylabel="cross-entropy", title=f"per-head CE to step {step}")
     ax.legend()

@@ -314,3 +314,40 @@ def test_three_first_starts_on_a_fresh_sqlite_store(tmp_path):
     ids = [open(f"{gate}.{p.pid}.id").read() for p in procs]
     assert sorted(r.info.run_id for r in runs) == sorted(ids)
     assert sorted(os.listdir(db.parent)) == ["mlflow.db"]  # the creation lock left nothing
+
+
+CONNECT = """
+import sys
+sys.path.insert(0, {root!r})
+import wmtp, wmtp_runs
+cfg = wmtp.load_config(None, ["mlflow.tracking_uri=sqlite:///{db}", "mlflow.artifact_location={art}"])
+wmtp_runs.mlflow_connect(cfg)
+print("connected")
+"""
+
+
+@pytest.mark.parametrize("after", [0.0, 0.05, 0.3])
+def test_a_store_killed_while_mlflow_builds_it_is_absent_or_complete(after, tmp_path):
+    """kill -9 while MLflow creates a fresh SQLite store (half-migrated files failed every later
+    start): the store is built beside its path and renamed when whole, so the next start works."""
+    db = tmp_path / "mlflow.db"
+    code = CONNECT.format(root=ROOT, db=db, art=tmp_path / "art")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    first = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith("mlflow.db.new-") for p in tmp_path.iterdir()):
+        assert first.poll() is None and time.monotonic() < deadline, (
+            "the store was never built beside"
+        )
+        time.sleep(0.005)
+    time.sleep(after)
+    first.kill()
+    first.wait()
+    assert not db.exists() or db.stat().st_size > 0
+    second = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert second.returncode == 0 and second.stdout.strip() == "connected", second.stderr[-2000:]
+    assert db.exists() and not [p for p in tmp_path.iterdir() if ".new-" in p.name]
