@@ -89,6 +89,19 @@ def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = N
         msg = str(exc) if isinstance(exc, ConfigError) else msg
         print(f"error: {redact(msg)}", file=sys.stderr)  # e.g. a tracking URI's password
         sys.exit(2 if isinstance(exc, ConfigError) else 1)
+    except Exception as exc:  # MLflow's (a tracking server down) are one line; a bug, a traceback
+        if os.environ.get("WMTP_DEBUG"):
+            raise
+        import traceback
+
+        from wmtp import redact
+
+        if type(exc).__module__.startswith("mlflow"):
+            text = f"error: MLflow: {(str(exc) or type(exc).__name__).splitlines()[0]}\n"
+        else:  # never with a credential in it: URIs with a password appear in messages
+            text = "".join(traceback.format_exception(exc))
+        print(redact(text), file=sys.stderr, end="")
+        sys.exit(1)
     finally:
         log.removeHandler(handler)
         log.propagate = True

@@ -266,3 +266,26 @@ def test_lr_schedule_is_transformers_warmup_then_cosine_or_constant(schedule):
     opt.load_state_dict(opts[1].state_dict())
     resumed.load_state_dict(json.loads(json.dumps(cut.state_dict())))
     assert first + lrs_of(resumed, opt, total - 4) == lrs
+
+
+def test_an_mlflow_error_is_one_line_without_the_password(capsys, monkeypatch):
+    monkeypatch.delenv("WMTP_DEBUG", raising=False)
+    from mlflow.exceptions import MlflowException
+
+    def down(argv):
+        raise MlflowException(
+            "API request to http://alice:s3cr3t@mlflow.internal:5000/api/2.0/mlflow/runs/create "
+            "failed with exception HTTPConnectionPool(host='mlflow.internal', port=5000): Max retries"
+        )
+
+    def bug(argv):
+        raise RuntimeError("http://alice:s3cr3t@mlflow.internal:5000 broke")
+
+    for fn in (down, bug):
+        with pytest.raises(SystemExit) as exc:
+            run_cli(fn, [])
+        err = capsys.readouterr().err
+        assert exc.value.code == 1 and "s3cr3t" not in err and "alice:" not in err
+    assert (
+        err.startswith("Traceback") and "RuntimeError: http://***@mlflow.internal:5000 broke" in err
+    )
