@@ -443,8 +443,9 @@ def parse_config(text: str, source: str, overrides: list[str] | tuple[str, ...] 
     _check_values(cfg, source, overrides)
     for name, s in (("critic", cfg.critic), ("rho1", cfg.rho1)):
         if not 0 <= s.eps <= 1 <= s.max_weight:  # weights have mean 1 within these bounds
+            key = f"{name}.eps" if not 0 <= s.eps <= 1 else f"{name}.max_weight"
             raise ConfigError(
-                f"{_where(f'{name}.eps', source, overrides)}: need 0 <= eps <= 1 <= max_weight, "
+                f"{_where(key, source, overrides)}: need 0 <= eps <= 1 <= max_weight, "
                 f"got eps {s.eps} and max_weight {s.max_weight}"
             )
     if cfg.rho1.normalize == "heads" and cfg.rho1.scope == "head":
