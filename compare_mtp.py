@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 
 import io_stream  # noqa: E402
 from wmtp import Config, ConfigError  # noqa: E402
-from wmtp_runs import mlflow_connect, mlflow_start  # noqa: E402
+from wmtp_runs import figure_class, mlflow_connect, mlflow_start  # noqa: E402
 from wmtp_stats import (  # noqa: E402
     mcnemar_exact,
     paired_bootstrap,
@@ -290,8 +290,7 @@ def against_baseline(groups: dict[str, list[Entry]], base: str) -> tuple[list[st
 def figures(groups: dict[str, list[Entry]], out: str) -> list[str]:
     """heldout_ce.png (per head and their mean against step, one line per algorithm, the band
     between its seeds' lowest and highest) and pass_at_k.png (bars with intervals); their paths."""
-    from matplotlib.figure import Figure
-
+    Figure = figure_class()
     metrics = sorted({m for es in groups.values() for e in es for m in e.heldout})
     written = []
     if metrics:

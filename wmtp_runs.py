@@ -253,17 +253,24 @@ def weight_histogram(w: torch.Tensor, valid: torch.Tensor, top: float) -> torch.
     )
 
 
-def log_head_plots(run_id: str, step: int, n_heads: int, hist: torch.Tensor | None, top: float):
-    """MLflow figures: every head's CE curve so far (plots/ce_heads.png, from the run's ce_head{k}
-    metrics, so a resumed run's curve starts at step 0) and, when the algo weights slots, a
-    histogram per head of its weights since the last plot (plots/weights_step_<N>.png)."""
+def figure_class():
+    """matplotlib's Figure, imported so that its font cache goes to a folder removed at exit (it
+    would write ~/.cache/matplotlib: the kit keeps no cache directory)."""
     if "matplotlib" not in sys.modules and "MPLCONFIGDIR" not in os.environ:
-        # matplotlib keeps its font list in ~/.cache: give it a folder that goes at exit
         folder = tempfile.mkdtemp(prefix="wmtp-matplotlib-")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         os.environ["MPLCONFIGDIR"] = folder
     from matplotlib.figure import Figure
 
+    return Figure
+
+
+def log_head_plots(run_id: str, step: int, n_heads: int, hist: torch.Tensor | None, top: float):
+    """MLflow figures: every head's CE curve so far (plots/ce_heads.png, from the run's
+    train/ce_head{k} metrics, so a resumed run's curve starts at step 0) and, when the algo
+    weights slots, a histogram per head of its weights since the last plot
+    (plots/weights_step_<N>.png)."""
+    Figure = figure_class()
     client = mlflow.MlflowClient()
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
