@@ -75,6 +75,7 @@ if __name__ == "__main__":  # --help and a bad flag answer before torch & co. ar
 
 import hashlib  # noqa: E402
 import os  # noqa: E402
+import secrets  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -88,6 +89,7 @@ from wmtp_data import dataset_file  # noqa: E402
 from wmtp_eval import evaluate, load_problems, score  # noqa: E402
 from wmtp_model import MTP_JSON, detect_format, load_model, load_tokenizer  # noqa: E402
 from wmtp_runs import artifact_uri, mlflow_connect, mlflow_start, resolve_mlflow_uri  # noqa: E402
+from wmtp_sandbox import sandbox_mode  # noqa: E402
 from wmtp_stats import pass_at_k, pass_at_k_interval  # noqa: E402
 from wmtp_train import load_checkpoint_model, setup  # noqa: E402
 
@@ -214,6 +216,7 @@ def settings_of(cfg: Config, model: str, step: int | None, speculative: bool) ->
         "speculative": speculative,
         "compile": cfg.decode.compile,
         "timeout": e.timeout,
+        "sandbox": sandbox_mode(e.sandbox)[0],
         "model": redact(model),
         "step": step,
     }
@@ -235,7 +238,7 @@ def kept_samples(out: str, settings: dict) -> dict[tuple[str, str], list[dict]]:
     if not io_stream.exists(saved):
         return {}
     old = json.loads(io_stream.read_bytes(saved))
-    same_tokens = ("model", "step", "compile")  # compiled decoding gives the eager path's tokens
+    same_tokens = ("model", "step", "compile", "sandbox")  # the same tokens, the same checks
     differ = [k for k in settings if k not in same_tokens and old.get(k) != settings[k]]
     if differ:
         raise ConfigError(
@@ -377,7 +380,7 @@ def evaluate_all(cfg: Config, model, tokenizer, out: str, settings: dict, quiet:
                 limit=e.limit, workers=e.workers, timeout=e.timeout, seed=e.seed,
                 batch_size=e.batch_size, on_result=write, speculative=settings["speculative"],
                 decode_stats=decode_stats, skip=set(done), on_generated=gen.update,
-                compile=cfg.decode.compile,
+                compile=cfg.decode.compile, isolation=e.sandbox,
             )  # fmt: skip
             gen.close()
             run.close()
@@ -406,7 +409,10 @@ def rescore(cfg: Config, samples: str, out: str, quiet: bool) -> dict[str, dict]
                 bar.update(1)
 
             pairs = ((by_id[t], [r["completion"] for r in recs]) for t, recs in tasks.items())
-            result = score(pairs, k=e.k, workers=e.workers, timeout=e.timeout, on_result=write)
+            result = score(
+                pairs, k=e.k, workers=e.workers, timeout=e.timeout, on_result=write,
+                isolation=e.sandbox,
+            )  # fmt: skip
             bar.close()
             counts[name] = result["problems"]
     return counts
@@ -428,7 +434,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"--data {name}: not in paths.datasets ({', '.join(cfg.paths.datasets)})"
             )
     mlflow_connect(cfg)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    # a folder of its own even for two evaluations in the same second
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
     if args.samples:
         model = tokenizer = step = None
         path, label = args.samples, "samples"
@@ -455,6 +462,10 @@ def main(argv: list[str] | None = None) -> None:
         step = max((m.step for m in history), default=0)
     settings = settings_of(cfg, path, step, args.speculative)
     run = start_eval_run(cfg, parent, label, settings)
+    mode, why = sandbox_mode(e.sandbox)
+    mlflow.log_param("sandbox_why", why)
+    if mode == "hook":
+        print(f"warning: sandbox: {why}", file=sys.stderr)
     try:
         if args.samples:
             counts, decode_stats = rescore(cfg, args.samples, out, args.quiet), {}

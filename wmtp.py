@@ -155,6 +155,7 @@ class Eval(_Strict):
     timeout: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 10.0
     seed: int = 0
     every: Annotated[int, msgspec.Meta(ge=0)] = 0
+    sandbox: Literal["auto", "namespaces", "hook", "bwrap", "unshare"] = "auto"
 
     def __post_init__(self):
         if max(self.k, default=0) > self.n:

@@ -274,12 +274,14 @@ def score(
     workers: int = 2,
     timeout: float = 10.0,
     on_result: Callable[[dict], None] | None = None,
+    isolation: str = "auto",
 ) -> dict:
     """Check every (problem, completions) pair's programs in a pool of `workers` sandboxes and
     return {"pass@k": {k: mean over problems}, "problems": {id: (n, correct)}}.
 
     Checks start as soon as a pair arrives (generation of the next batch overlaps them), and
     `on_result` gets {"task_id", "sample", "completion", "passed", "status"} as each finishes.
+    `isolation`: the sandbox's mode (wmtp_sandbox: auto, namespaces, hook, bwrap, unshare).
     """
     counts: dict[str, list[int]] = {}
     pending: dict[Future, tuple[str, int, str]] = {}
@@ -302,14 +304,14 @@ def score(
 
     free: queue.SimpleQueue = queue.SimpleQueue()
     for _ in range(workers):
-        free.put(start_sandbox())
+        free.put(start_sandbox(isolation))
 
     def check(source: str) -> tuple[bool, str]:
         server = free.get()
         try:
             return check_program(source, timeout=timeout, sandbox=server)
         finally:
-            free.put(server if server.poll() is None else start_sandbox())
+            free.put(server if server.poll() is None else start_sandbox(isolation))
 
     try:
         with ThreadPoolExecutor(workers) as pool:  # a worker waits on one sandbox at a time
@@ -358,6 +360,7 @@ def evaluate(
     skip: Collection[str] = (),
     on_generated: Callable[[int], None] | None = None,
     compile: bool = False,
+    isolation: str = "auto",
 ) -> dict:
     """pass@k of a model on a HumanEval or MBPP dataset: prompts -> completions -> programs ->
     sandboxed checks. Returns `score`'s dict plus "kind". With `speculative`, completions come
@@ -395,7 +398,9 @@ def evaluate(
                 on_generated(len(batch))
             yield from zip(batch, completions)
 
-    result = score(samples(), k=ks, workers=workers, timeout=timeout, on_result=on_result)
+    result = score(
+        samples(), k=ks, workers=workers, timeout=timeout, on_result=on_result, isolation=isolation
+    )
     return {"kind": kind} | result
 
 
@@ -421,6 +426,7 @@ def greedy_pass_at_1(
             workers=e.workers,
             timeout=e.timeout,
             batch_size=e.batch_size,
+            isolation=e.sandbox,
         )
         out[f"eval/pass_at_1/{name}"] = result["pass@k"][1]
     return out
