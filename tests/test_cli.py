@@ -118,11 +118,11 @@ def test_pkg_paths_work_in_every_function_taking_a_path():
     assert io_stream.exists(uri) and io_stream.read_bytes(uri) == open(file, "rb").read()
     with io_stream.open_stream(uri) as f:
         assert f.read(2) == b"\x1f\x8b"  # gzip magic
-    mbpp = os.path.join(ROOT, "data", "mbpp")
-    assert sorted(io_stream.list_dir("pkg:wmtp/data/mbpp")) == sorted(os.listdir(mbpp))
+    mbpp = os.path.join(ROOT, "wmtp_mbpp")
+    assert sorted(io_stream.list_dir("pkg:wmtp_mbpp")) == sorted(os.listdir(mbpp))
     with open(os.path.join(mbpp, "test.json")) as f:
         test_ids = [str(r["task_id"]) for r in json.load(f)]
-    assert [e.id for e in iter_dataset("pkg:wmtp/data/mbpp", "test")] == test_ids
+    assert [e.id for e in iter_dataset("pkg:wmtp_mbpp", "test")] == test_ids
     with pytest.raises(ConfigError, match="no installed package or module named 'no_such_pkg'"):
         load_config(None, ["paths.datasets={x: pkg:no_such_pkg/a.jsonl}"])
 
@@ -172,7 +172,7 @@ def test_trainer_says_what_it_does_and_quiet_silences_it(tmp_path, tiny, store, 
     for said in (
         "device cpu, world size 1",
         "model: 155,168 parameters, 155,168 trained",  # independent count below
-        f"data mbpp: {ROOT}/data/mbpp (split train), streamed",
+        f"data mbpp: {ROOT}/wmtp_mbpp (split train), streamed",
         f"see it with `mlflow ui --backend-store-uri {store}`",
         f"checkpoint written to {run_dir}/step_2",
         f"final model written to {run_dir}/final, registered as models:/wmtp_mtp_model/",

@@ -123,7 +123,7 @@ def test_trainer_under_fsdp2_crash_and_exact_resume(s3, tmp_path):
 
     # the DCP checkpoint of the last step evaluates (read by one process) as its final model does
     argv = settings(s3, tmp_path, "full") + [
-        "--data", "mbpp", "--limit", "2", "--set", "paths.datasets.mbpp=pkg:wmtp/data/mbpp",
+        "--data", "mbpp", "--limit", "2", "--set", "paths.datasets.mbpp=pkg:wmtp_mbpp",
         "--set", "eval.max_new_tokens=12",
     ]  # fmt: skip
     completions = {}

