@@ -11,7 +11,8 @@ so that a shared machine's noise falls on both alike. Printed per algorithm: med
 optimizer step, tokens/s, model TFLOP/s and MFU against a matmul peak measured in this run
 (bf16 on CUDA, fp32 on CPU), peak memory, and on CUDA the host time per step (until the step's
 Python returns, before the device is idle); the kit/plain ratio is the median over rounds of the
-per-round ratio. --profile writes torch.profiler's top ops (host and device time) of a few kit
+per-round ratio. --compile compiles the kit's decoder blocks (train.compile: true) against
+the eager plain loop. --profile writes torch.profiler's top ops (host and device time) of a few kit
 steps. Goals: kit ≤ 1.05× plain everywhere; on an H200 ≥ 40% MFU at 0.5b, ≥ 50% at 7b_slice.
 """
 
@@ -68,7 +69,7 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def build(algo: str, shape: tuple, device):
+def build(algo: str, shape: tuple, device, compile: bool = False):
     """(kit step, plain step, tokens per step) for `algo`: two copies of the same random model,
     optimizer and batch, one driven by train_mtp's step functions, one by a plain loop."""
     import torch
@@ -79,7 +80,7 @@ def build(algo: str, shape: tuple, device):
     from wmtp_dist import make_accelerator
     from wmtp_loss import IGNORE, ValueHead, mtp_loss, mtp_targets, next_token_ce
     from wmtp_model import init_mtp_model
-    from wmtp_train import lr_schedule
+    from wmtp_train import compile_blocks, lr_schedule
 
     dim, blocks, heads, kv, ffn, vocab, batch, seq = shape
     mp = "bf16" if device.type == "cuda" else "no"
@@ -105,6 +106,8 @@ def build(algo: str, shape: tuple, device):
 
     acc = make_accelerator(cfg)
     kit_model = init_mtp_model(**dims, seed=1).float()
+    if compile:  # train.compile: the trainer's torch.compile of each decoder block
+        compile_blocks(kit_model)
     opt = torch.optim.AdamW(kit_model.parameters(), lr=1e-5)
     kit_model, opt = acc.prepare(kit_model, opt)
     sched = lr_schedule(opt, "constant", 0, 10**9)
@@ -187,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=10, help="timed rounds after --warmup rounds")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--profile", metavar="FILE", help="torch.profiler's top ops of the kit's step")
+    p.add_argument("--compile", action="store_true", help="the kit with train.compile: true")
     a = p.parse_args(argv)
     import torch
 
@@ -213,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     out = {}
     for algo in a.algos:
-        kit, plain, tokens = build(algo, shape, device)
+        kit, plain, tokens = build(algo, shape, device, a.compile)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times = {"kit": [], "plain": []}
