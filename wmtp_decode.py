@@ -71,7 +71,10 @@ def greedy_decode_batch(
     each row took part in, summed), `tokens` (new tokens returned), `tokens_per_forward` (tokens /
     row_forwards), and for heads 1..H-1 the `proposed` / `accepted` counts of their drafts that
     head 0 verified / accepted and `head_acceptance`, their ratio (head k's draft counts as
-    accepted only when heads 1..k-1's were too). Pad slots are masked, so no pad id is needed.
+    accepted only when heads 1..k-1's were too). A draft counts only where its row could use it:
+    within the row's own max_new_tokens (at most room - 1 drafts, where room tokens are left, as
+    a row alone is fed) and not after an EOS the row emits, so every count is the sum of what
+    each prompt decoded alone gives. Pad slots are masked, so no pad id is needed.
 
     compile=True runs `static_decode` with `compiled_step()`: the same tokens and statistics over
     a static cache, every forward after the prefill compiled (finished rows stay in the batch).
@@ -110,9 +113,6 @@ def greedy_decode_batch(
             n_ok = (greedy[:, :-1] == ids[:, 1:]).long().cumprod(1).sum(1)
             at = n_ok
             nxt = greedy.gather(1, at[:, None])[:, 0]
-            for k in range(1, n_fed):
-                proposed[k - 1] += len(rows)
-                accepted[k - 1] += int((n_ok >= k).sum())
         picked = torch.arange(len(rows), device=device), at
         drafts = []
         if n_heads > 1:  # one read of the unembedding for all drafting heads
@@ -126,11 +126,13 @@ def greedy_decode_batch(
         next_pos = position_ids.gather(1, at[:, None]) + 1
 
         fed, n_acc, first = ids.tolist(), n_ok.tolist(), nxt.tolist()
-        live = [
-            i
-            for i, r in enumerate(rows)
-            if _emit(outs[r], fed[i][1 : 1 + n_acc[i]] + [first[i]], max_new_tokens, eos_id)
-        ]
+        n_drafts, live = 0 if prefill else n_fed - 1, []
+        for i, r in enumerate(rows):
+            new = fed[i][1 : 1 + n_acc[i]] + [first[i]]
+            room = max_new_tokens - len(outs[r])
+            _count_drafts(proposed, accepted, n_drafts, room, new, n_acc[i], eos_id)
+            if _emit(outs[r], new, max_new_tokens, eos_id):
+                live.append(i)
         if not live:
             break
         if len(live) < len(rows):
@@ -251,7 +253,7 @@ def static_decode(
 ) -> tuple[list[list[int]], dict]:
     """`greedy_decode_batch` over a StaticKV; `step` (decode_step or compiled_step()) makes every
     forward after the eager prefill. Every forward feeds all H-1 drafts (a fixed shape); only
-    those the eager path feeds count in the statistics, and tokens past max_new_tokens are cut."""
+    those a live row could use count in the statistics, and tokens past max_new_tokens are cut."""
     n_heads = model.n_heads if speculative else 1
     device = model.lm_head.weight.device
     outs: list[list[int]] = [[] for _ in prompts]
@@ -271,19 +273,14 @@ def static_decode(
     live, fed, n_draft = list(range(len(prompts))), None, 0
     while True:
         got = torch.cat([ids, n_ok[:, None]], 1).tolist()  # the one host sync per forward
-        for k in range(1, n_draft + 1):
-            proposed[k - 1] += len(live)
-            accepted[k - 1] += sum(min(got[i][-1], n_draft) >= k for i in live)
-        live = [
-            i
-            for i in live
-            if _emit(
-                outs[i],
-                (fed[i][1 : 1 + got[i][-1]] if fed else []) + got[i][:1],
-                max_new_tokens,
-                eos_id,
-            )
-        ]
+        still = []
+        for i in live:
+            new = (fed[i][1 : 1 + got[i][-1]] if fed else []) + got[i][:1]
+            room = max_new_tokens - len(outs[i])
+            _count_drafts(proposed, accepted, n_draft, room, new, got[i][-1], eos_id)
+            if _emit(outs[i], new, max_new_tokens, eos_id):
+                still.append(i)
+        live = still
         if not live:
             break
         room = max(max_new_tokens - len(outs[i]) for i in live)
@@ -295,6 +292,18 @@ def static_decode(
         forwards += 1
         row_forwards += len(live)
     return outs, decode_stats(outs, forwards, row_forwards, proposed, accepted)
+
+
+def _count_drafts(
+    proposed: list, accepted: list, n_fed: int, room: int, new: list, n_ok: int, eos_id
+) -> None:
+    """Count the drafts of n_fed that a row with room tokens left, emitting new, could use."""
+    usable = min(n_fed, room - 1)  # draft room - 1 is the last that saves a forward
+    if usable > 1 and eos_id in new[: usable - 1]:  # no draft after an EOS the row emits
+        usable = new.index(eos_id) + 1
+    for k in range(usable):  # draft k + 1 is accepted when drafts 1..k + 1 all are
+        proposed[k] += 1
+        accepted[k] += n_ok > k
 
 
 def _emit(out: list[int], new: list[int], max_new_tokens: int, eos_id: int | None) -> bool:

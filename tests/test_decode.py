@@ -312,3 +312,56 @@ def test_one_read_step_traces_whole(no_eager_fallback):
     step = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=False)
     eager = greedy_decode_batch(model, prompts, 30, speculative=True, eos_id=2)
     assert static_decode(model, prompts, 30, True, 2, step) == eager
+
+
+def stat_sums(solo: list[dict]) -> dict:
+    """The counts of several decodes added up, and the ratios they give."""
+    summed = {
+        "proposed": [sum(k) for k in zip(*(s["proposed"] for s in solo))],
+        "accepted": [sum(k) for k in zip(*(s["accepted"] for s in solo))],
+        **{key: sum(s[key] for s in solo) for key in ("tokens", "row_forwards")},
+    }
+    summed["tokens_per_forward"] = summed["tokens"] / summed["row_forwards"]
+    pairs = zip(summed["accepted"], summed["proposed"])
+    summed["head_acceptance"] = [a / p if p else 0.0 for a, p in pairs]
+    return summed
+
+
+@pytest.mark.parametrize("mode", ["eager", "static", "compiled"])
+def test_speculative_stats_count_only_drafts_a_row_can_use(corpus_model, mode, request):
+    """Drafts past a row's max_new_tokens or after its EOS are not counted, so a batch's
+    statistics are the sums of its prompts' own (the old counts failed this at n=10 and 23)."""
+    if mode == "compiled":
+        request.getfixturevalue("no_eager_fallback")
+    model, text = corpus_model
+    step = functools.partial(decode_step, one_read=True)  # the GPU's default, run eagerly
+
+    def decode(prompts, n, eos):
+        if mode == "static":
+            return static_decode(model, prompts, n, True, eos, step)
+        kwargs = {"eos_id": eos, "compile": mode == "compiled"}
+        return greedy_decode_batch(model, prompts, n, speculative=True, **kwargs)
+
+    # alone: the second forward feeds 3 drafts and accepts all (tokens 1-3 come from drafts)
+    prompt, full = text[:12], naive_greedy(model, text[:12], 24)
+    for j in (1, 2, 3):
+        assert full[j] not in full[:j]
+        out, stats = decode([prompt], 24, full[j])  # eos is draft j: drafts after it unused
+        assert out == [full[: j + 1]] and stats["forwards"] == 2
+        assert stats["proposed"] == stats["accepted"] == [1] * j + [0] * (3 - j)
+        out, stats = decode([prompt], j + 1, None)  # j tokens left: j - 1 drafts can save one
+        assert out == [full[: j + 1]] and stats["forwards"] == 2
+        assert stats["proposed"] == stats["accepted"] == [1] * (j - 1) + [0] * (4 - j)
+    # together: rows of different lengths, eos 41 ")" stopping some, n cutting inside drafts
+    prompts = [text[3:20], [7, 200, 100, 9], text[30:34], text[41:43], text[10:11], [120, 3, 50]]
+    for n, eos in ((23, 41), (10, None)):
+        solo = [decode([p], n, eos) for p in prompts]
+        outs, stats = decode(prompts, n, eos)
+        assert outs == [o[0] for o, _ in solo]
+        if eos is not None:
+            assert min(map(len, outs)) < n == max(map(len, outs))  # eos stopped rows early
+        summed = stat_sums([s for _, s in solo])
+        assert {key: stats[key] for key in summed} == summed
+        assert stats["forwards"] == max(s["forwards"] for _, s in solo)
+        if mode == "eager":  # the tokens are plain greedy's
+            assert outs == greedy_decode_batch(model, prompts, n, eos_id=eos)[0]

@@ -131,7 +131,8 @@ def test_trainer_under_fsdp2_crash_and_exact_resume(s3, tmp_path):
         out = tmp_path / f"eval-{model}"
         eval_mtp.main([*argv, "--model", f"{s3}/ckpt/full/{model}", "--out", str(out)])
         rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-        completions[model] = [r["completion"] for r in rows]
+        # rows are written as their checks finish, so in no fixed order
+        completions[model] = {(r["task_id"], r["sample"]): r["completion"] for r in rows}
     assert completions["step_6"] == completions["final"] and len(completions["final"]) == 2
     assert json.loads((tmp_path / "eval-step_6" / "settings.json").read_text())["step"] == 6
 
