@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from wmtp_cli import run_cli
+from wmtp_cli import PRINT_CONFIG_HELP, print_config, run_cli
 
 FLAGS = {  # CLI flag -> eval.<key> (the config's eval: section holds the defaults)
     "data": "datasets",
@@ -62,11 +62,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="the evaluation's folder (an interrupted one there continues)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--quiet", action="store_true", help="no progress bars, no summary")
+    p.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
     args = p.parse_args(argv)
+    args.flags = {}  # config key -> the flag that set it, so that errors name the flag
     for flag, key in FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
             args.set.append(f"eval.{key}={json.dumps(value)}")
+            args.flags[f"eval.{key}"] = "--" + flag.replace("_", "-")
+    if args.print_config:
+        print_config(args)
     return args
 
 

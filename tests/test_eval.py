@@ -341,9 +341,10 @@ def test_samples_rescore_to_the_same_results_and_a_killed_evaluation_resumes(tmp
     [
         (["--model", "/no/such/model"], "--model /no/such/model: no such model folder"),
         (["--data", "nope"], "--data nope: not in paths.datasets"),
-        (["--n", "1", "--k", "5"], "k <= n"),
-        (["--n", "2"], "temperature > 0"),
-        (["--limit", "0"], "eval.limit"),
+        (["--n", "1", "--k", "5"], "--k: pass@k needs k <= n"),  # the last flag of the section
+        (["--n", "2"], "--n: n 2 samples per problem need temperature > 0"),
+        (["--limit", "0"], "--limit: Expected `int` >= 1"),  # named as typed, not as eval.limit
+        (["--n", "0"], "--n: Expected `int` >= 1"),
         (["--run-id", "0123456789abcdef"], "no such MLflow run"),
         ([], "no trained model under"),
         (["--model", "BADMODEL"], "config.json: not valid JSON"),
