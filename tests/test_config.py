@@ -333,6 +333,36 @@ def test_values_that_cannot_work_are_refused(override, message):
     assert str(exc.value) == f"--set {message}"
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [  # issue 24 item 15: each was accepted at load, some then crashed after the model loaded
+        ("data.max_length=1", "data.max_length: Expected `int` >= 2"),
+        ("data.heldout_fraction=-1", "data.heldout_fraction: Expected `float` >= 0.0"),
+        ("data.heldout_fraction=2", "data.heldout_fraction: Expected `float` <= 1.0"),
+        ("data.heldout_fraction=.nan", "data.heldout_fraction: Expected `float` >= 0.0"),
+        ("train.epochs=0", "train.epochs: Expected `int` >= 1"),
+        ("train.weight_decay=-1", "train.weight_decay: Expected `float` >= 0.0"),
+        ("train.weight_decay=.inf", "train.weight_decay: Expected `float` <= 1000000.0"),
+        ("model.dim=0", "model.dim: Expected `int` >= 1"),
+        ("rho1.keep_ratio=1.5", "rho1.keep_ratio: Expected `float` <= 1.0"),
+        ("eval.temperature=-1", "eval.temperature: Expected `float` >= 0.0"),
+        ("rho1.temperature=0", "rho1.temperature: Expected `float` > 0.0"),
+        ("critic.gamma=5", "critic.gamma: Expected `float` <= 1.0"),
+        ("train.grad_clip=.nan", "train.grad_clip: Expected `float` > 0.0"),
+        ("eval.timeout=.inf", "eval.timeout: Expected `float` <= 86400.0"),
+        (
+            "model.n_heads=9",
+            "model.n_heads: 9 heads need at least as many blocks, model.n_layers is 6",
+        ),
+        ("train.run_name=' '", "train.run_name: blank; null names the run by time"),
+    ],
+)
+def test_values_out_of_range_are_refused_at_load(override, message):
+    with pytest.raises(wmtp.ConfigError) as exc:
+        wmtp.parse_config("", "config.yaml", [override])
+    assert str(exc.value).startswith(f"--set {message}")
+
+
 def test_a_bad_value_in_the_file_names_the_file_and_edge_values_pass():
     with pytest.raises(wmtp.ConfigError, match=r"^cfg.yaml: train.save_every must be >= 1, got 0$"):
         wmtp.parse_config("train:\n  save_every: 0\n", "cfg.yaml")
