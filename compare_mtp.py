@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or io_stream.join(root, f"compare-{stamp}")
     text, result = report(cfg, entries, baseline, out)
     print(text)
-    mlflow_start(cfg, f"compare-{stamp}", log_config=False)
+    mlflow_start(cfg, f"compare-{stamp}")
     mlflow.set_tags({"stage": "compare", "baseline": baseline})
     mlflow.log_params(
         {"runs": ",".join(e.train_id or e.eval_id for e in entries)[:6000], "baseline": baseline}

@@ -78,7 +78,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 if __name__ == "__main__":  # --help and a bad flag answer before torch & co. are imported
     parse_args(None)
 
-import hashlib  # noqa: E402
 import os  # noqa: E402
 import secrets  # noqa: E402
 import sys  # noqa: E402
@@ -93,7 +92,13 @@ from wmtp import CREDENTIALS_HINT, Config, ConfigError, redact  # noqa: E402
 from wmtp_data import dataset_file  # noqa: E402
 from wmtp_eval import evaluate, load_problems, score  # noqa: E402
 from wmtp_model import MTP_JSON, detect_format, load_model, load_tokenizer  # noqa: E402
-from wmtp_runs import artifact_uri, mlflow_connect, mlflow_start, resolve_mlflow_uri  # noqa: E402
+from wmtp_runs import (  # noqa: E402
+    artifact_uri,
+    log_inputs,
+    mlflow_connect,
+    mlflow_start,
+    resolve_mlflow_uri,
+)
 from wmtp_sandbox import sandbox_mode  # noqa: E402
 from wmtp_stats import pass_at_k, pass_at_k_interval  # noqa: E402
 from wmtp_train import load_checkpoint_model, setup  # noqa: E402
@@ -210,7 +215,7 @@ def settings_of(cfg: Config, model: str, step: int | None, speculative: bool) ->
     return {
         "datasets": list(e.datasets),
         "split": e.split,
-        "sha256": {name: file_sha256(file) for name, file in files.items()},
+        "sha256": {name: io_stream.file_sha256(file) for name, file in files.items()},
         "n": e.n,
         "k": sorted(set(e.k)),
         "temperature": e.temperature,
@@ -225,15 +230,6 @@ def settings_of(cfg: Config, model: str, step: int | None, speculative: bool) ->
         "model": redact(model),
         "step": step,
     }
-
-
-def file_sha256(path: str) -> str:
-    """sha256 of a local or S3 file, read in bounded blocks."""
-    digest = hashlib.sha256()
-    with io_stream.open_stream(path, "rb") as f:
-        while block := f.read(8 * 2**20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def kept_samples(out: str, settings: dict) -> dict[tuple[str, str], list[dict]]:
@@ -307,12 +303,23 @@ def start_eval_run(cfg: Config, parent, label: str, settings: dict):
         tags["stage"] = "eval"
         run = mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=name, tags=tags)
     else:
-        run = mlflow_start(cfg, f"eval-{label}-{stamp}", log_config=False)
+        run = mlflow_start(cfg, f"eval-{label}-{stamp}")
         mlflow.set_tag("stage", "eval")
     params = {k: v for k, v in settings.items() if k != "sha256"}
     params |= {f"sha256/{name}": digest for name, digest in settings["sha256"].items()}
     mlflow.log_params(
         {k: json.dumps(v) if not isinstance(v, str) else v for k, v in params.items()}
+    )
+    e = cfg.eval
+    mlflow.set_tag(
+        "mlflow.note.content",
+        f"Evaluation of {settings['model']}: pass@{','.join(map(str, settings['k']))} with n {e.n} "
+        f"at temperature {e.temperature:g} on {', '.join(e.datasets)} (split {e.split}"
+        f"{f', first {e.limit} problems' if e.limit else ''}).",
+    )
+    log_inputs(
+        {f"{n}/{e.split}": dataset_file(cfg.paths.datasets[n], e.split) for n in e.datasets},
+        "evaluation",
     )
     return run
 

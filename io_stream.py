@@ -823,6 +823,15 @@ def stream_failure(f) -> OSError | None:
     return getattr(getattr(f, "raw", f), "failure", None)
 
 
+def file_sha256(path: str) -> str:
+    """sha256 of a local or S3 file, read in bounded blocks."""
+    digest = hashlib.sha256()
+    with open_stream(path, "rb") as f:
+        while block := f.read(8 * 2**20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def file_size(path: str) -> int:
     """Size in bytes of a local file or S3 object."""
     kind, p = resolve(path)

@@ -25,21 +25,75 @@ from accelerate.utils import set_seed  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import io_stream  # noqa: E402
-from wmtp import Config  # noqa: E402
+from wmtp import Config, config_params  # noqa: E402
 from wmtp_ckpt import fallback_tags  # noqa: E402
-from wmtp_data import iter_batches, iter_examples  # noqa: E402
+from wmtp_data import dataset_file, iter_batches, iter_examples  # noqa: E402
 from wmtp_dist import (  # noqa: E402
-    all_reduce_grads,
     end_distributed,
     is_fsdp,
     log,
     make_accelerator,
     quiet,
+    replicate,
     shard_frozen,
 )
 from wmtp_loss import ValueHead, value_mask, value_targets  # noqa: E402
-from wmtp_runs import log_pyfunc, log_startup, mlflow_start, run_name_for, tracked_run  # noqa: E402
+from wmtp_runs import (  # noqa: E402
+    log_inputs,
+    log_pyfunc,
+    log_startup,
+    mlflow_start,
+    run_name_for,
+    tracked_run,
+)
 from wmtp_train import batch_rewards, head0_hidden, load_base, load_frozen, setup  # noqa: E402
+
+# the config keys stage 1 reads: its MLflow params (stage 2's train.algo etc. do not apply)
+STAGE1_KEYS = (
+    "paths.models.base",
+    "paths.models.rm",
+    "paths.value_head",
+    "s3",
+    "mlflow.tracking_uri",
+    "mlflow.registry_uri",
+    "mlflow.experiment",
+    "mlflow.artifact_location",
+    "mlflow.value_head_model",
+    "model",
+    "data.train",
+    "data.split",
+    "data.heldout_fraction",
+    "data.max_length",
+    "data.prompt_loss",
+    "data.shuffle",
+    "train.epochs",
+    "train.grad_clip",
+    "train.log_every",
+    "train.seed",
+    "train.mixed_precision",
+    "train.deterministic",
+    "train.shard_frozen_over_gib",
+    "critic.gamma",
+    "critic.lr",
+    "critic.max_steps",
+    "critic.batch_size",
+    "critic.eval_every",
+    "critic.patience",
+    "critic.min_delta",
+)
+
+
+def describe_run(cfg: Config) -> str:
+    """The run page's description: what stage 1 trains, on what, for how long."""
+    c, base = cfg.critic, cfg.paths.models.base
+    model = base or f"a random {cfg.model.n_heads}-head model (dim {cfg.model.dim})"
+    rewards = f"reward model {cfg.paths.models.rm}" if cfg.paths.models.rm else "dataset labels"
+    data = ", ".join(cfg.data.train)
+    return (
+        f"Stage 1: a value head on {model} (frozen), rewards from {rewards}; data {data} "
+        f"(split {cfg.data.split}, {cfg.data.heldout_fraction:g} held out); up to {c.max_steps} "
+        f"steps of batch {c.batch_size}, lr {c.lr:g}, gamma {c.gamma:g}."
+    )
 
 
 def masked_mse(values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -105,8 +159,9 @@ def evaluate(cfg: Config, model, head, tokenizer, rm, acc) -> dict[str, float] |
 
 
 def build(cfg: Config, acc):
-    """(tokenizer, frozen base model, reward model or None, value head, its optimizer); checks
-    that there is data with rewards to train on."""
+    """(tokenizer, frozen base model, reward model or None, value head, the head to train through
+    (its DDP wrapper with several ranks, else the head itself), its optimizer); checks that there
+    is data with rewards to train on."""
     tokenizer, model = load_base(cfg, acc)
     model.eval().requires_grad_(False)
     model = shard_frozen(acc, model) if is_fsdp(acc) else model.to(acc.device)  # frozen
@@ -123,21 +178,24 @@ def build(cfg: Config, acc):
             f"datasets {cfg.data.train}: examples have no labels and paths.models.rm is not set; "
             "the value head needs rewards from one of them"
         )
-    # the head is small: replicated on every rank, its gradients averaged by hand
+    # the head is small: replicated on every rank, its gradients averaged by DDP (several ranks);
+    # the plain head is what is optimized, evaluated and saved
     head = ValueHead(acc.unwrap_model(model).config.hidden_size).to(acc.device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.critic.lr)
-    return tokenizer, model, rm, head, opt
+    ddp = replicate(acc, head)
+    return tokenizer, model, rm, head, head if ddp is None else ddp, opt
 
 
 def critic_step(cfg: Config, acc, model, head, opt, batch: dict, rm) -> dict[str, float]:
-    """One optimizer step of the value head on a batch: one masked-MSE mean over every rank's
-    tokens; returns the step's metrics (value_loss is that mean)."""
+    """One optimizer step of the value head (its DDP wrapper with several ranks, see build) on a
+    batch: one masked-MSE mean over every rank's tokens; returns the step's metrics (value_loss
+    is that mean)."""
     loss, values, targets, mask = value_step(model, head, batch, rm, cfg.critic.gamma, acc.device)
     count = mask.sum()
     sums = acc.reduce(torch.stack([loss.detach() * count, count]), "sum")  # all ranks
-    # all_reduce_grads averages over the ranks, hence the factor num_processes
+    # DDP's backward averages the gradients over the ranks, hence the factor num_processes: the
+    # result is the gradient of the one mean over every rank's tokens
     (loss * count * acc.num_processes / sums[1].clamp(min=1)).backward()
-    all_reduce_grads(acc, head)
     grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.train.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -168,10 +226,21 @@ def finish(cfg: Config, acc, model, state: dict, run_id, stopped: bool, best: fl
             cfg.mlflow.value_head_model,
             {"pyfunc": "value_head"},
             artifacts={"value_head": cfg.paths.value_head},
+            tags={
+                "run_id": run_id,
+                "stage": "critic",
+                "steps": str(step),
+                "data": ", ".join(cfg.data.train),
+            },
+            description=describe_run(cfg),
         )
         mlflow.set_tags({"value_head": cfg.paths.value_head, "stopped_early": str(stopped)})
-        uri = f"models:/{cfg.mlflow.value_head_model}/{version}"
-        log.info("value head written to %s, registered as %s", cfg.paths.value_head, uri)
+        if version is None:
+            log.info("value head written to %s (mlflow.value_head_model null: not registered)",
+                     cfg.paths.value_head)  # fmt: skip
+        else:
+            uri = f"models:/{cfg.mlflow.value_head_model}/{version}"
+            log.info("value head written to %s, registered as %s", cfg.paths.value_head, uri)
         best_loss = best if best < math.inf else float("nan")
         mlflow.log_metrics({"heldout/best_value_loss": best_loss}, step=step)
         mlflow.end_run()
@@ -192,13 +261,20 @@ def _train_critic(cfg: Config, accelerator) -> dict:
     c = cfg.critic
     acc = accelerator or make_accelerator(cfg)
     set_seed(cfg.train.seed)  # Python, NumPy and torch (CUDA too) on every rank
-    tokenizer, model, rm, head, opt = build(cfg, acc)
+    tokenizer, model, rm, head, trained, opt = build(cfg, acc)
     main = acc.is_main_process
     run_name = run_name_for(acc, None, "critic")
     run_id = None
     if main:
-        run = mlflow_start(cfg, run_name)
+        used = [f"paths.datasets.{n}" for n in cfg.data.train]
+        params = config_params(cfg, [*STAGE1_KEYS, *used])
+        run = mlflow_start(cfg, run_name, params=params, description=describe_run(cfg))
         run_id = run.info.run_id
+        log_inputs(
+            {f"{n}/{cfg.data.split}": dataset_file(cfg.paths.datasets[n], cfg.data.split)
+             for n in cfg.data.train},
+            "training",
+        )  # fmt: skip
         mlflow.set_tags({"stage": "critic", "seed": cfg.train.seed, **fallback_tags()})
         models = {"base model (frozen)": model, "value head": head, "reward model": rm}
         log_startup(acc, cfg, run, models)
@@ -213,7 +289,7 @@ def _train_critic(cfg: Config, accelerator) -> dict:
             cfg, tokenizer, c.batch_size, epoch=epoch, rank=acc.process_index,
             world=acc.num_processes, part="train",
         ):  # fmt: skip
-            metrics = critic_step(cfg, acc, model, head, opt, batch, rm)
+            metrics = critic_step(cfg, acc, model, trained, opt, batch, rm)
             step += 1
             losses.append(metrics["train/value_loss"])
             bar.update(1)

@@ -16,6 +16,7 @@ from wmtp_cli import parse_args, run_cli
 if __name__ == "__main__":  # --help and a bad flag answer before torch & co. are imported
     parse_args(None, __doc__.splitlines()[0], with_algo=True)
 
+import contextlib  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 from typing import NamedTuple  # noqa: E402
@@ -27,7 +28,7 @@ from msgspec.structs import asdict  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import io_stream  # noqa: E402
-from wmtp import Config  # noqa: E402
+from wmtp import Config, config_params  # noqa: E402
 from wmtp_ckpt import (  # noqa: E402
     apply_hparams,
     config_dict,
@@ -40,14 +41,14 @@ from wmtp_ckpt import (  # noqa: E402
     resume_changes,
     save_train_state,
 )
-from wmtp_data import iter_batches  # noqa: E402
+from wmtp_data import dataset_file, iter_batches  # noqa: E402
 from wmtp_dist import (  # noqa: E402
-    all_reduce_grads,
     end_distributed,
     full_model_on_rank0,
     log,
     make_accelerator,
     quiet,
+    replicate,
     shared_value,
 )
 from wmtp_eval import greedy_pass_at_1  # noqa: E402
@@ -67,7 +68,9 @@ from wmtp_loss import (  # noqa: E402
 from wmtp_model import save_model  # noqa: E402
 from wmtp_runs import (  # noqa: E402
     claim_run,
+    drop_checkpoint_tags,
     log_head_plots,
+    log_inputs,
     log_pyfunc,
     log_startup,
     mlflow_connect,
@@ -95,7 +98,8 @@ from wmtp_train import (  # noqa: E402
 
 class Parts(NamedTuple):
     """What a stage-2 run trains and reads: the model and its optimizer, the frozen reference or
-    reward model, and the critic's value head (trained alongside when critic.value_coef > 0)."""
+    reward model, and the critic's value head (trained alongside when critic.value_coef > 0,
+    through value_head_ddp with several ranks)."""
 
     tokenizer: object
     model: torch.nn.Module
@@ -107,6 +111,9 @@ class Parts(NamedTuple):
     value_opt: torch.optim.Optimizer | None
     stored_dtype: torch.dtype
     n_heads: int
+    # the value head's DDP wrapper (trained head, several ranks; None otherwise): forward and
+    # backward go through it, state_dict and the optimizer use value_head itself
+    value_head_ddp: torch.nn.parallel.DistributedDataParallel | None = None
 
 
 def load_value_head(cfg: Config, dim: int) -> tuple[ValueHead, dict[str, str]]:
@@ -148,7 +155,7 @@ def build(cfg: Config, acc) -> tuple[Parts, dict[str, str]]:
     model.float()
     if t.compile:
         compile_blocks(model)
-    ref = rm = value_head = value_opt = None
+    ref = rm = value_head = value_opt = value_head_ddp = None
     tags: dict[str, str] = {}
     if algo.startswith("rho1"):
         if not cfg.paths.models.ref:
@@ -171,10 +178,11 @@ def build(cfg: Config, acc) -> tuple[Parts, dict[str, str]]:
                 acc, cfg.paths.models.rm, "reward", tokenizer, "reward", t.shard_frozen_over_gib
             )
         value_head.requires_grad_(train_value)
-        if train_value:  # small and replicated: its own optimizer, gradients averaged by hand
+        if train_value:  # small and replicated: its own optimizer, gradients averaged by DDP
             value_opt = torch.optim.AdamW(
                 value_head.parameters(), lr=cfg.critic.value_lr, weight_decay=0.0
             )
+            value_head_ddp = replicate(acc, value_head)
     opt = torch.optim.AdamW(
         model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
     )
@@ -182,8 +190,9 @@ def build(cfg: Config, acc) -> tuple[Parts, dict[str, str]]:
     model, opt = acc.prepare(model, opt)  # under FSDP2 model and optimizer are sharded together
     sched = lr_schedule(opt, t.schedule, t.warmup_steps, t.max_steps)
     parts = Parts(
-        tokenizer, model, opt, sched, ref, rm, value_head, value_opt, stored_dtype, n_heads
-    )
+        tokenizer, model, opt, sched, ref, rm, value_head, value_opt, stored_dtype, n_heads,
+        value_head_ddp,
+    )  # fmt: skip
     return parts, tags
 
 
@@ -301,9 +310,15 @@ def micro_step(cfg: Config, acc, parts: Parts, batch: dict, denominator: torch.T
     if parts.value_opt is not None:
         mask = value_mask(loss_mask).float()
         target = value_targets(batch_rewards(batch, parts.rm, acc.device), mask, cfg.critic.gamma)
-        values = parts.value_head(hidden)
-        value_loss = ((values - target) ** 2 * mask).sum() / mask.sum().clamp(min=1)
-        (cfg.critic.value_coef * value_loss / cfg.train.grad_accum).backward()
+        ddp = parts.value_head_ddp
+        # several ranks: DDP averages the head's gradients in the backward of the step's last
+        # micro-batch (acc.sync_gradients, set by the loop's acc.accumulate); before it, no_sync
+        # lets them add up on each rank
+        local = ddp is not None and not acc.sync_gradients
+        with ddp.no_sync() if local else contextlib.nullcontext():
+            values = (parts.value_head if ddp is None else ddp)(hidden)
+            value_loss = ((values - target) ** 2 * mask).sum() / mask.sum().clamp(min=1)
+            (cfg.critic.value_coef * value_loss / cfg.train.grad_accum).backward()
         value_loss = value_loss.detach()
     uniform = cfg.train.algo == "baseline"
     return MicroStep(sums, labels, None if uniform else weights, value_loss, attn.sum())
@@ -323,8 +338,7 @@ def optimizer_step(
     if not bad:
         parts.opt.step()
     parts.opt.zero_grad(set_to_none=True)
-    if parts.value_opt is not None:
-        all_reduce_grads(acc, parts.value_head)
+    if parts.value_opt is not None:  # its gradients already averaged over the ranks (DDP)
         torch.nn.utils.clip_grad_norm_(parts.value_head.parameters(), cfg.train.grad_clip)
         if not bad:
             parts.value_opt.step()
@@ -485,9 +499,10 @@ def save_checkpoint(cfg: Config, acc, parts: Parts, run: dict, position: dict) -
     path = save_train_state(path, parts.model, parts.opt, extra, fallback=t.checkpoint_fallback)
     log.info("checkpoint written to %s", path)
     if acc.is_main_process:
-        prune_ckpts(run["run_dir"], t.keep_last, fallback=t.checkpoint_fallback)
+        kept = prune_ckpts(run["run_dir"], t.keep_last, fallback=t.checkpoint_fallback)
         latest = {"checkpoint_latest": path, f"checkpoint_step_{step}": path}
         mlflow.set_tags({**latest, **fallback_tags()})
+        drop_checkpoint_tags(kept)
 
 
 def heldout_ce(cfg: Config, acc, parts: Parts) -> dict[str, float]:
@@ -556,9 +571,19 @@ def finish(cfg: Config, acc, parts: Parts, run: dict, step: int, losses: list[fl
         mlflow.set_tag("final_model", final)
         config = {"pyfunc": "mtp", "final_model": final, "max_new_tokens": cfg.eval.max_new_tokens}
         name = cfg.mlflow.mtp_model
-        uri = f"models:/{name}/{log_pyfunc('model', name, config)}"
-        mlflow.set_tag("final_model_version", uri)
-        log.info("final model written to %s, registered as %s", final, uri)
+        tags = {
+            "run_id": run["run_id"],
+            "algo": cfg.train.algo,
+            "steps": str(step),
+            "data": ", ".join(cfg.data.train),
+        }
+        version = log_pyfunc("model", name, config, tags=tags, description=describe_run(cfg))
+        if version is None:
+            log.info("final model written to %s (mlflow.mtp_model null: not registered)", final)
+        else:
+            uri = f"models:/{name}/{version}"
+            mlflow.set_tag("final_model_version", uri)
+            log.info("final model written to %s, registered as %s", final, uri)
         if parts.value_opt is not None:
             io_stream.write_safetensors(
                 parts.value_head.state_dict(),
@@ -609,12 +634,57 @@ def restore(cfg: Config, parts: Parts, run: dict) -> dict:
     return {k: state[k] for k in ("step", "epoch", "examples_done")}
 
 
+def stage2_unused(cfg: Config) -> list[str]:
+    """The config keys stage 2 does not read with this algorithm: left out of its MLflow params."""
+    used = {*cfg.data.train, *cfg.data.heldout, *(cfg.eval.datasets if cfg.eval.every else [])}
+    skip = [f"paths.datasets.{n}" for n in cfg.paths.datasets if n not in used]
+    skip += ["decode", "mlflow.value_head_model", "data.heldout_fraction"]
+    skip += [f"critic.{k}" for k in ("lr", "max_steps", "batch_size", "eval_every", "patience")]
+    skip += ["critic.min_delta"]
+    if cfg.train.algo != "critic":
+        skip += ["critic", "paths.value_head", "paths.models.rm"]
+    elif cfg.critic.value_coef == 0:
+        skip += ["critic.value_lr", "paths.models.rm"]  # the value head stays frozen
+    if not cfg.train.algo.startswith("rho1"):
+        skip += ["rho1", "paths.models.ref"]
+    if cfg.eval.every == 0:
+        skip += [f"eval.{k}" for k in ("datasets", "split", "n", "k", "temperature", "top_p")]
+        skip += [f"eval.{k}" for k in ("batch_size", "limit", "workers")]  # max_new_tokens: pyfunc
+        skip += ["eval.timeout", "eval.seed", "eval.sandbox"]
+    return skip
+
+
+def describe_run(cfg: Config) -> str:
+    """The run page's (and the registered version's) description: algorithm, model, data, steps."""
+    t, base = cfg.train, cfg.paths.models.base
+    model = base or f"a random {cfg.model.n_heads}-head model (dim {cfg.model.dim})"
+    return (
+        f"Stage 2, algorithm {t.algo}: {model}; data {', '.join(cfg.data.train)} (split "
+        f"{cfg.data.split}), held-out CE on {', '.join(cfg.data.heldout)} ({cfg.data.heldout_split}); "
+        f"up to {t.max_steps} steps of {t.batch_size} x {t.grad_accum} examples per rank, lr {t.lr:g}."
+    )
+
+
 def start_tracking(cfg: Config, acc, parts: Parts, run: dict, tags: dict, step: int) -> None:
     """Start (or continue) the MLflow run on rank 0, tag it, say what the run is; every rank
     learns its id."""
     run_id = run["run_id"]
     if acc.is_main_process:
-        active = mlflow_start(cfg, run["run_name"], run_id)
+        params = config_params(cfg, skip=stage2_unused(cfg))
+        active = mlflow_start(
+            cfg, run["run_name"], run_id, params=params, description=describe_run(cfg)
+        )
+        if run_id is None:  # a resumed run has them
+            d = cfg.data
+            log_inputs(
+                {f"{n}/{d.split}": dataset_file(cfg.paths.datasets[n], d.split) for n in d.train},
+                "training",
+            )
+            log_inputs(
+                {f"{n}/{d.heldout_split}": dataset_file(cfg.paths.datasets[n], d.heldout_split)
+                 for n in d.heldout},
+                "heldout",
+            )  # fmt: skip
         run_id = active.info.run_id
         mlflow.set_tags(
             {

@@ -10,7 +10,7 @@ import math
 import os
 import re
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -63,8 +63,8 @@ class MLflow(_Strict):
     registry_uri: str | None = None
     experiment: str = "wmtp"
     artifact_location: str | None = "runs/mlflow-artifacts"
-    value_head_model: str = "wmtp_critic_value_head"
-    mtp_model: str = "wmtp_mtp_model"
+    value_head_model: str | None = "wmtp_critic_value_head"  # None: not registered
+    mtp_model: str | None = "wmtp_mtp_model"
 
 
 class ModelDims(_Strict):
@@ -597,8 +597,17 @@ def _check_values(cfg: Config, where: Callable[[str], str]) -> None:
             )
 
 
-def config_params(cfg: Config) -> dict[str, str]:
-    """Flat `section.key -> value` strings for MLflow params, with anything secret-looking removed."""
+def config_params(
+    cfg: Config, keys: Iterable[str] | None = None, skip: Iterable[str] = ()
+) -> dict[str, str]:
+    """Flat `section.key -> value` strings for MLflow params, locations as written, anything
+    secret-looking removed; only those under one of `keys` (a section, a key: None for all) and
+    none of `skip`."""
+    keys, skip = (None if keys is None else tuple(keys)), tuple(skip)
+
+    def under(key: str, prefixes: tuple[str, ...]) -> bool:
+        return any(key == p or key.startswith(p + ".") for p in prefixes)
+
     flat: dict[str, str] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -606,7 +615,7 @@ def config_params(cfg: Config) -> dict[str, str]:
             for k, v in node.items():
                 if not looks_secret(str(k)):
                     walk(v, f"{prefix}.{k}" if prefix else str(k))
-        else:
+        elif (keys is None or under(prefix, keys)) and not under(prefix, skip):
             flat[prefix] = redact(str(node))
 
     walk(written_config(cfg), "")

@@ -203,19 +203,24 @@ def dcp_reader(path: str):
 # Which checkpoints exist: pruning, the fallback mirror, resume discovery
 
 
-def prune_ckpts(root: str, keep_last: int, *, fallback: bool = False) -> None:
+def prune_ckpts(root: str, keep_last: int, *, fallback: bool = False) -> list[int]:
     """Delete all but the newest `keep_last` complete checkpoints under root; with `fallback`
     (train.checkpoint_fallback) those in its s3.fallback_root mirror count too, by step, and a
-    checkpoint that S3 is down to delete stays for a later save to prune."""
+    checkpoint that S3 is down to delete stays for a later save to prune. Returns the steps
+    whose checkpoints are still there."""
     steps = ckpt_steps(root, mirror=fallback)
+    kept = set(steps)
     for step in sorted(steps)[:-keep_last] if keep_last > 0 else []:
+        kept.discard(step)
         for old in steps[step]:
             try:
                 io_stream.remove_ckpt(old)
             except ConnectionError as exc:
                 if not fallback:
                     raise
+                kept.add(step)
                 print(f"warning: {exc}; {old} stays for a later save to prune", file=sys.stderr)
+    return sorted(kept)
 
 
 def ckpt_steps(run_dir: str, *, mirror: bool) -> dict[int, list[str]]:

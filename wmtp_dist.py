@@ -1,5 +1,6 @@
 """The accelerator and the distributed helpers: rank-0 messages, shared values, FSDP checks,
-gathering a sharded model. Every function works on one process too (world size 1)."""
+the value head's DDP wrapper, gathering a sharded model. Every function works on one process too
+(world size 1)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from accelerate.utils import DistributedType, broadcast_object_list
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel
 
 from wmtp_cli import LOGGER
 from wmtp_model import MTPModel
@@ -114,14 +116,16 @@ def shared_value(acc, compute: Callable):
     return box[0]
 
 
-def all_reduce_grads(acc, module: torch.nn.Module) -> None:
-    """Average a replicated module's gradients over the ranks (for the small value head)."""
+def replicate(acc, module: torch.nn.Module) -> DistributedDataParallel | None:
+    """A small module kept whole on every rank (the value head) in a DistributedDataParallel
+    wrapper, whose backward averages its gradients over the ranks; None with one process. Run
+    forward and backward through the wrapper (its no_sync() for micro-batches before a step's
+    last); save, load and optimize the module itself. Not acc.prepare: that would autocast the
+    fp32 module and, under FSDP2, shard it."""
     if acc.num_processes == 1:
-        return
-    for p in module.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= acc.num_processes
+        return None
+    device_ids = [acc.device] if acc.device.type == "cuda" else None  # CPU (gloo): none
+    return DistributedDataParallel(module, device_ids=device_ids)
 
 
 def end_distributed() -> None:
@@ -138,7 +142,7 @@ def end_distributed() -> None:
 
 def unwrap(model):
     """The module inside a DistributedDataParallel wrapper (FSDP2 shards in place: nothing to unwrap)."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def full_model_on_rank0(model):

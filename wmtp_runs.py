@@ -10,6 +10,7 @@ import fcntl
 import functools
 import importlib.metadata
 import json
+import logging
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -27,7 +29,7 @@ import torch
 from accelerate.utils import broadcast_object_list
 
 import io_stream
-from wmtp import ConfigError, config_params, redact
+from wmtp import ConfigError, redact
 from wmtp_dist import log
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ def mlflow_connect(cfg: Config) -> str:
     return the experiment's id, creating it if needed. On SQLite this runs under a file lock: the
     schema migration of a fresh store fails when several first runs start at once."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
+    quiet_mlflow()
     if cfg.s3.endpoint_url:  # MLflow's own S3 client (artifacts, models) reads only the environment
         os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", cfg.s3.endpoint_url)
     mlflow.set_tracking_uri(uri)
@@ -53,11 +56,29 @@ def mlflow_connect(cfg: Config) -> str:
         if db:
             build_sqlite_store(db)
         exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
-        if exp is not None:
-            return exp.experiment_id
-        return mlflow.create_experiment(
-            cfg.mlflow.experiment, artifact_location=cfg.mlflow.artifact_location
-        )
+        if exp is None:
+            exp_id = mlflow.create_experiment(
+                cfg.mlflow.experiment, artifact_location=cfg.mlflow.artifact_location
+            )
+        else:
+            exp_id = exp.experiment_id
+        if exp is None or EXPERIMENT_KIND[0] not in exp.tags:  # a kind set by hand stays
+            # MLflow 3's UI opens an unmarked experiment on its GenAI pages (traces: "No data")
+            mlflow.MlflowClient().set_experiment_tag(exp_id, *EXPERIMENT_KIND)
+        return exp_id
+
+
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # "machine learning"
+
+
+def quiet_mlflow() -> None:
+    """MLflow's own lines off: its "View run ... at" link always (it holds the tracking URI's
+    password; log_startup gives a redacted one), its INFO lines and progress bars unless
+    WMTP_DEBUG is set."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    if not os.environ.get("WMTP_DEBUG"):
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def build_sqlite_store(db: str) -> None:
@@ -97,8 +118,16 @@ def file_lock(path: str) -> Iterator[None]:
         os.close(fd)
 
 
-def mlflow_start(cfg: Config, run_name: str, run_id: str | None = None, *, log_config: bool = True):
-    """Start (or continue) the MLflow run and log the config (secrets removed) as params."""
+def mlflow_start(
+    cfg: Config,
+    run_name: str,
+    run_id: str | None = None,
+    *,
+    params: dict[str, str] | None = None,
+    description: str | None = None,
+):
+    """Start (or continue) the MLflow run; a new one gets `params` (config_params: secrets
+    removed) and `description` (the run page's note)."""
     exp_id = mlflow_connect(cfg)
     run = mlflow.start_run(
         run_id=run_id,
@@ -107,9 +136,49 @@ def mlflow_start(cfg: Config, run_name: str, run_id: str | None = None, *, log_c
         # CPU, memory, disk, network (and GPU with nvidia-ml-py) unless the env var says otherwise
         log_system_metrics=None if "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING" in os.environ else True,
     )
-    if run_id is None and log_config:
-        mlflow.log_params(config_params(cfg))
+    if run_id is None and params:
+        mlflow.log_params(params)
+    if run_id is None and description:
+        mlflow.set_tag("mlflow.note.content", description)
     return run
+
+
+def log_inputs(files: dict[str, str], context: str) -> None:
+    """Record datasets as the active run's MLflow inputs: {name: record file} with where it is
+    read from and a digest (the sha256 of a local file, the ETag of an S3 object: no download;
+    36 characters at most)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    if not files:
+        return
+    datasets = []
+    for name, file in files.items():
+        kind, path = io_stream.resolve(file)
+        if kind == "local":
+            digest = io_stream.file_sha256(path)
+        else:
+            try:
+                info = io_stream.s3_call(path, io_stream.s3_filesystem().info, path)
+                digest = str(info.get("ETag", "")).strip('"') or None
+            except OSError:  # S3 down (the data may come from s3.fallback_root): MLflow's digest
+                digest = None
+        with warnings.catch_warnings():  # MLflow registers two sources for local paths
+            warnings.filterwarnings("ignore", "The specified dataset source", UserWarning)
+            source = resolve_dataset_source(redact(path))
+        digest = digest and digest[:36]  # MLflow's limit; 144 bits of a sha256 still identify it
+        datasets.append(MetaDataset(source, name=name, digest=digest))
+    n = len(datasets)
+    mlflow.log_inputs(datasets=datasets, contexts=[context] * n, tags_list=[None] * n)
+
+
+def drop_checkpoint_tags(kept_steps: list[int]) -> None:
+    """Delete the active run's checkpoint_step_<N> tags whose checkpoint was pruned."""
+    tags = mlflow.get_run(mlflow.active_run().info.run_id).data.tags
+    for key in tags:
+        step = key.removeprefix("checkpoint_step_")
+        if step != key and step.isdigit() and int(step) not in kept_steps:
+            mlflow.delete_tag(key)
 
 
 def artifact_uri(subpath: str) -> str | None:
@@ -179,10 +248,19 @@ PYFUNC_DEPS = (
 )
 
 
-def log_pyfunc(name: str, registered: str, config: dict, artifacts: dict | None = None) -> str:
+def log_pyfunc(
+    name: str,
+    registered: str | None,
+    config: dict,
+    artifacts: dict | None = None,
+    *,
+    tags: dict[str, str] | None = None,
+    description: str | None = None,
+) -> str | None:
     """Log MLflow pyfunc model `name` of the active run from wmtp_pyfunc.py (models-from-code: the
     kit's modules as its code, this environment's versions as its requirements, nothing pickled)
-    and register it as a new version of `registered`; returns that version."""
+    and register it as a new version of `registered` with `tags` and `description`; returns
+    that version (None: `registered` is None, nothing registered)."""
     here = os.path.dirname(os.path.abspath(__file__))
     info = mlflow.pyfunc.log_model(
         name=name,
@@ -193,18 +271,35 @@ def log_pyfunc(name: str, registered: str, config: dict, artifacts: dict | None 
         pip_requirements=[
             f"{p}=={importlib.metadata.version(p).split('+')[0]}" for p in PYFUNC_DEPS
         ],
-        registered_model_name=registered,
     )
-    return str(info.registered_model_version)
+    if registered is None:
+        return None
+    # the client, not mlflow.register_model: that one prints two lines of its own to stderr
+    client = mlflow.MlflowClient()
+    try:
+        client.create_registered_model(registered)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(
+        registered,
+        source=info.model_uri,
+        run_id=info.run_id,
+        tags=tags,
+        description=description,
+        model_id=info.model_id,
+    )
+    return str(version.version)
 
 
 def run_link(run) -> str:
-    """Where to see an MLflow run: its page on a tracking server, or the `mlflow ui` to start."""
+    """Where to see an MLflow run: its page on the tracking server, or for a store with no server
+    (a SQLite file, a folder) the `mlflow ui` to start and the page under the address it prints."""
     uri = redact(mlflow.get_tracking_uri())
     page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{page}"
-    return f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
+    return f"`mlflow ui --backend-store-uri {uri}`, then <the address it prints>/{page}"
 
 
 def log_startup(acc, cfg: Config, run, models: dict) -> None:

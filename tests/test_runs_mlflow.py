@@ -3,14 +3,21 @@ models that mlflow.pyfunc.load_model loads, the final model's weights written on
 stage and linked, per-head figures, system metrics."""
 
 import argparse
+import hashlib
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 
 import mlflow
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BUCKET
-from helpers import TINY_MODEL
+from conftest import BUCKET, free_port
+from helpers import CONFIG, TINY_MODEL
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -129,3 +136,142 @@ def test_mlflow_on_s3_from_the_config_endpoint_with_real_models(
     assert tags["value_head_run_id"] == stage1["run_id"]
     for name, t in head.state_dict().items():
         torch.testing.assert_close(t, w[name], rtol=0, atol=0)
+
+
+def test_each_stage_reads_in_mlflow_as_its_users_read_it(tmp_path, only_config_endpoint, capfd):
+    """Issue 23: the experiment marked as model training, prefixed metrics, datasets as inputs,
+    a description, params as written and only the stage's own, no tags of pruned checkpoints,
+    registered versions tagged and described, `mlflow.mtp_model: null` registering nothing,
+    and none of MLflow's own lines (its "View run" link holds the tracking password)."""
+    sets = [
+        *TINY,
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        "train.max_steps=3",
+        "train.save_every=1",
+        "train.keep_last=1",
+    ]
+    config = os.path.join(ROOT, "config.yaml")
+    setup = wmtp_train.setup
+    stage1 = train_critic.train_critic(setup(argparse.Namespace(config=config, set=sets)))
+    stage2_sets = [*sets, "train.algo=critic", "mlflow.mtp_model=null"]
+    stage2 = train_mtp.train(setup(argparse.Namespace(config=config, set=stage2_sets)))
+    client = mlflow.MlflowClient()
+    run1, run2 = client.get_run(stage1["run_id"]), client.get_run(stage2["run_id"])
+
+    exp = client.get_experiment(run1.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    # every metric in a chart group of its own
+    for run in (run1, run2):
+        groups = {name.split("/")[0] for name in run.data.metrics if "/" in name}
+        assert all("/" in name for name in run.data.metrics), sorted(run.data.metrics)
+        assert groups <= {"train", "weights", "heldout", "time", "system"}
+    assert {"train/value_loss", "heldout/value_loss"} <= set(run1.data.metrics)
+    assert {"train/loss", "train/ce_head0", "heldout/ce", "time/tokens_per_s"} <= set(
+        run2.data.metrics
+    )
+
+    # params: locations as the config wrote them, each stage only the keys it reads
+    p1, p2 = run1.data.params, run2.data.params
+    assert p1["paths.datasets.mbpp"] == p2["paths.datasets.mbpp"] == "pkg:wmtp_mbpp"
+    assert "paths.datasets.humaneval" not in p1 and "paths.datasets.humaneval" not in p2
+    assert not {"train.algo", "train.max_steps", "train.lr", "rho1.keep_ratio"} & set(p1)
+    assert p1["critic.max_steps"] == "2" and p1["critic.batch_size"] == "2"
+    assert p2["train.algo"] == "critic" and p2["train.max_steps"] == "3"
+    assert not {"critic.patience", "critic.max_steps", "rho1.keep_ratio", "decode.compile"} & set(
+        p2
+    )
+
+    # datasets as inputs: name, source and the sha256 of the file read (by hashlib here)
+    def inputs(run) -> dict:
+        return {
+            d.dataset.name: (d.dataset.digest, d.dataset.source, [t.value for t in d.tags])
+            for d in run.inputs.dataset_inputs
+        }
+
+    def digest(file: str) -> str:
+        with open(os.path.join(ROOT, "wmtp_mbpp", file), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:36]
+
+    train_json = os.path.join(ROOT, "wmtp_mbpp", "train.json")
+    assert inputs(run1) == {
+        "mbpp/train": (digest("train.json"), json.dumps({"uri": train_json}), ["training"])
+    }
+    got = inputs(run2)
+    assert got["mbpp/train"][0] == digest("train.json") and got["mbpp/train"][2] == ["training"]
+    assert got["mbpp/validation"][0] == digest("validation.json")
+    assert got["mbpp/validation"][2] == ["heldout"]
+
+    # a description on the run page
+    assert run1.data.tags["mlflow.note.content"].startswith("Stage 1: a value head")
+    note = run2.data.tags["mlflow.note.content"]
+    assert "algorithm critic" in note and "mbpp" in note and "up to 3 steps" in note
+
+    # keep_last 1: one checkpoint left, and one checkpoint tag
+    ckpt_tags = {k: v for k, v in run2.data.tags.items() if k.startswith("checkpoint_step_")}
+    assert ckpt_tags == {"checkpoint_step_3": os.path.join(stage2["run_dir"], "step_3")}
+    assert sorted(f for f in os.listdir(stage2["run_dir"]) if f.startswith("step_")) == ["step_3"]
+
+    # stage 1's registered version: tagged and described; stage 2 registered nothing
+    version = client.get_model_version("wmtp_critic_value_head", stage1["version"])
+    assert version.tags == {
+        "run_id": stage1["run_id"],
+        "stage": "critic",
+        "steps": "2",
+        "data": "mbpp",
+    }
+    assert version.description == run1.data.tags["mlflow.note.content"]
+    assert client.search_registered_models("name = 'wmtp_mtp_model'") == []
+    assert "final_model_version" not in run2.data.tags
+    assert os.path.isfile(os.path.join(run2.data.tags["final_model"], "model.safetensors"))
+
+    out = capfd.readouterr()
+    for line in ("View run", "Successfully registered", "Created version", " INFO mlflow"):
+        assert line not in out.out + out.err
+
+
+@pytest.fixture
+def tracking_server(tmp_path):
+    """A real MLflow tracking server (`mlflow server`, SQLite behind it) on a free port."""
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            os.path.join(os.path.dirname(sys.executable), "mlflow"), "server",
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+            "--default-artifact-root", str(tmp_path / "server-artifacts"),
+        ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "no MLflow server"
+                time.sleep(0.3)
+        yield port
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_the_tracking_password_is_never_printed(tracking_server, tmp_path):
+    """Issue 24 item 11: MLflow prints `View run ... at: <tracking URI>` when a run ends, which
+    for http://user:PASSWORD@host shows the password; the kit's own link is redacted."""
+    uri = f"http://wmtp:s3cret-pw-123@127.0.0.1:{tracking_server}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    sets = [f"--set={s}" for s in TINY] + [f"--set=paths.value_head={tmp_path}/head.safetensors"]
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train_critic.py"), "--config", CONFIG, *sets],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "s3cret-pw-123" not in out.stdout + out.stderr
+    assert "View run" not in out.stdout
+    assert f"http://***@127.0.0.1:{tracking_server}/#/experiments/" in out.stderr
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [r.info.status for r in runs] == ["FINISHED"]

@@ -1,6 +1,7 @@
 """Issue 12's multi-process and fresh-process checks (torchrun over gloo on CPU, like
 tests/test_distributed.py): ranks stop stage 1 together, accumulation and ranks give the same
-update, bf16 autocast trains fp32 masters, fp32 losses and lm_head hooks under FSDP2."""
+update (the value head's too, through DDP: issue 23), bf16 autocast trains fp32 masters, fp32
+losses and lm_head hooks under FSDP2."""
 
 import json
 import os
@@ -22,6 +23,7 @@ from test_train_objectives import (
 )
 
 import io_stream
+import train_critic
 import wmtp_data
 from wmtp import load_config
 from wmtp_data import encode, iter_dataset
@@ -75,6 +77,46 @@ def test_two_rank_critic_stops_together_and_scores_every_heldout_example(tmp_pat
         assert x["heldout_value_loss"] == pytest.approx(((G - V) ** 2).mean().item(), rel=1e-4)
 
 
+def test_two_rank_critic_trains_the_head_of_one_rank_with_twice_the_batch(tmp_path):
+    """Stage 1 on 2 processes x batch 3 and on 1 process x batch 6 (the same six examples per step,
+    four steps) write the same value head: DDP averages the ranks' gradients and critic_step's
+    factor num_processes turns that average into the gradient of one mean over every token."""
+    data = str(tmp_path / "d.jsonl")
+    write_dataset(data, n=30)  # completions of different lengths: per-rank means would differ
+
+    def sets(name: str, batch: int) -> list[str]:
+        return [
+            *TINY,
+            f"paths.datasets={{toy: {data}}}",
+            "data.heldout=[]",
+            "data.train=[toy]",
+            "data.heldout_fraction=0",  # no early stopping: the head after the last step is saved
+            f"paths.value_head={tmp_path / name / 'vh.safetensors'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+            f"mlflow.artifact_location={tmp_path}/mlartifacts",
+            "mlflow.value_head_model=null",
+            "critic.max_steps=4",
+            "critic.eval_every=4",
+            f"critic.batch_size={batch}",
+            "critic.lr=5e-3",
+        ]
+
+    two = sets("two", 3)
+    r = launch(
+        "train_critic.py", ["--config", CONFIG, *(a for s in two for a in ("--set", s))], tmp_path
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = train_critic.train_critic(load_config(CONFIG, sets("one", 6)))
+    assert len(one["losses"]) == 4
+    assert one["losses"][-1] < one["losses"][0]  # the head learned
+    heads = {
+        n: io_stream.read_safetensors(str(tmp_path / n / "vh.safetensors")) for n in ("one", "two")
+    }
+    assert heads["one"].keys() == heads["two"].keys()
+    for key, p in heads["one"].items():
+        torch.testing.assert_close(heads["two"][key], p, atol=1e-6, rtol=0, msg=key)
+
+
 def write_four_examples(path) -> None:
     """Two short and two long examples: per-micro-batch means would weigh their slots unequally."""
     recs = [
@@ -89,10 +131,13 @@ def write_four_examples(path) -> None:
 
 
 def test_accumulation_and_ranks_give_the_same_update(tmp_path):
-    """Batch 4 x accumulation 1, batch 2 x accumulation 2, 2 ranks x batch 2 (DDP) and 2 ranks x
-    batch 2 under FSDP2 train one step from the same four examples (critic weights) and end with
-    the same weights, the same logged loss and the same held-out CE (five examples: one rank
-    scores three, the other two, and both equal the naive CE of the final model)."""
+    """Batch 4 x accumulation 1, batch 2 x accumulation 2, batch 1 x accumulation 4, 2 ranks x
+    batch 2 (DDP), 2 ranks x batch 2 under FSDP2 and 2 ranks x batch 1 x accumulation 2 train one
+    step from the same four examples (critic weights, the value head trained alongside) and end
+    with the same weights, the same logged loss and the same held-out CE (five examples: one rank
+    scores three, the other two, and both equal the naive CE of the final model). The value head
+    ends the same wherever its micro-batches are the same (its loss is a mean per micro-batch),
+    and its DDP wrapper all-reduces once per optimizer step however many micro-batches."""
     data = tmp_path / "four.jsonl"
     write_four_examples(data)
     held = tmp_path / "held"
@@ -116,18 +161,29 @@ def test_accumulation_and_ranks_give_the_same_update(tmp_path):
         "train.save_every=100",
         "train.lr=1e-2",
         "train.warmup_steps=0",  # the first step at the full lr
+        "critic.value_coef=0.5",  # the value head trains too (its own AdamW)
+        "critic.value_lr=1e-2",
     )
     runs = {
         "b4": run_stage2([*common, "train.batch_size=4", "train.run_name=b4"]),
         "b2a2": run_stage2([*common, "train.batch_size=2", "train.grad_accum=2", "train.run_name=b2a2"]),
+        "b1a4": run_stage2([*common, "train.batch_size=1", "train.grad_accum=4", "train.run_name=b1a4"]),
     }  # fmt: skip
     args = ["--config", CONFIG, *(a for s in common for a in ("--set", s))]
-    for name, script in (("ddp", "train_mtp.py"), ("fsdp", "tests/fsdp_train.py")):
-        r = launch(script, [*args, "--set", f"train.run_name={name}"], tmp_path)
+    for name, script, extra in (
+        ("ddp", "train_mtp.py", []),
+        ("fsdp", "tests/fsdp_train.py", []),
+        ("ddp_a2", "tests/value_ddp_train.py", ["train.batch_size=1", "train.grad_accum=2"]),
+    ):
+        sets = [a for s in [f"train.run_name={name}", *extra] for a in ("--set", s)]
+        r = launch(script, [*args, *sets], tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
+    counts = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    # one all-reduce of the head's gradients for the step's two micro-batches, on both ranks
+    assert sorted((x["rank"], x["value_head_allreduces"]) for x in counts) == [(0, 1), (1, 1)]
     finals = {
         name: load_model(str(tmp_path / "ckpt" / name / "final"))
-        for name in ("b4", "b2a2", "ddp", "fsdp")
+        for name in ("b4", "b2a2", "b1a4", "ddp", "fsdp", "ddp_a2")
     }
     # AdamW's first step moves an entry by lr·g/(|g| + 1e-8): float noise in a gradient near 1e-8
     # moves a few dozen entries by up to a few % of lr; a mis-weighted objective (per-micro-batch means:
@@ -142,12 +198,24 @@ def test_accumulation_and_ranks_give_the_same_update(tmp_path):
             off += int(((p - q).abs() > 1e-6).sum())
             moved += int((p != p0).sum())
         assert off < 200 and moved > 100_000, (name, off, moved)  # vs ~69,000 off with the bug
+    # the value head (rank 0's, saved at the end): its loss is a mean over each micro-batch's
+    # tokens, so b2a2, ddp and fsdp (micro-batches of examples 1-2 and 3-4) train the same head, and
+    # b1a4 and ddp_a2 (one example each); DDP averages over the ranks what accumulation adds up
+    start = io_stream.read_safetensors(vh)
+    heads = {
+        name: io_stream.read_safetensors(str(tmp_path / "ckpt" / name / "value_head.safetensors"))
+        for name in finals
+    }
+    for name, like in (("ddp", "b2a2"), ("fsdp", "b2a2"), ("ddp_a2", "b1a4")):
+        for key, p in heads[name].items():
+            torch.testing.assert_close(p, heads[like][key], atol=1e-6, rtol=0, msg=f"{name}: {key}")
+    for name, head in heads.items():
+        assert all(not torch.equal(head[k], start[k]) for k in start), name  # every tensor moved
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name("wmtp").experiment_id
     logged = {r.info.run_name: r.data.metrics["train/loss"] for r in client.search_runs([exp])}
-    assert logged["b2a2"] == pytest.approx(logged["b4"], rel=1e-5)
-    assert logged["ddp"] == pytest.approx(logged["b4"], rel=1e-5)
-    assert logged["fsdp"] == pytest.approx(logged["b4"], rel=1e-5)
+    for name in finals:
+        assert logged[name] == pytest.approx(logged["b4"], rel=1e-5), name
     assert runs["b4"]["losses"][0] == pytest.approx(logged["b4"])
 
     # held-out CE: the same on every world size, and the naive CE of the final model
