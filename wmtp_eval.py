@@ -8,7 +8,10 @@ one dataset) -> the trainer's periodic greedy pass@1.
 from __future__ import annotations
 
 import copy
+import functools
+import os
 import queue
+import tempfile
 from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING, NamedTuple
@@ -16,12 +19,19 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import GenerationConfig, LlamaForCausalLM, StoppingCriteria
+from transformers import (
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    StopStringCriteria,
+)
 
 import io_stream
 from wmtp_data import dataset_file, iter_dataset, prompt_ids
 from wmtp_decode import greedy_decode, greedy_decode_batch  # noqa: F401 (greedy_decode re-exported)
-from wmtp_model import MTPModel, kit_key
+from wmtp_model import MTPModel, Tokenizer, kit_key
 from wmtp_sandbox import check_program, start_sandbox, stop_sandbox
 from wmtp_stats import pass_at_k
 
@@ -112,19 +122,42 @@ def causal_lm(model: nn.Module) -> nn.Module:
     return lm.to(model.lm_head.weight.device).eval()
 
 
-class _StopStrings(StoppingCriteria):
-    """Per row: done once the text generated after column `start` contains a stop string."""
+def transformers_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerBase:
+    """The kit tokenizer as a transformers tokenizer with the same ids and token strings."""
+    return _transformers_tokenizer(tokenizer.name, tokenizer.data)
 
-    def __init__(self, tokenizer, stop: tuple[str, ...], start: int):
-        self.tokenizer, self.stop, self.start = tokenizer, stop, start
-        self.window = max(map(len, stop)) + 2  # tokens: each holds at least one character
 
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        done = []
-        for row in input_ids[:, self.start :].tolist():
-            text = self.tokenizer.decode(row[-self.window :])
-            done.append(any(s in text for s in self.stop))
-        return torch.tensor(done, device=input_ids.device)
+@functools.lru_cache(maxsize=8)
+def _transformers_tokenizer(name: str, data: bytes) -> PreTrainedTokenizerBase:
+    """`transformers_tokenizer` of a tokenizer file's name and bytes, built once per file."""
+    if not name.endswith(".model"):  # tokenizer.json (the byte tokenizer is one too)
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return PreTrainedTokenizerFast(tokenizer_object=HFTokenizer.from_str(data.decode()))
+    with tempfile.TemporaryDirectory() as tmp:  # transformers reads SentencePiece from a file
+        with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
+            f.write(data)
+        return AutoTokenizer.from_pretrained(tmp, split_special_tokens=True)
+
+
+class CompletionStopStrings(StopStringCriteria):
+    """transformers' StopStringCriteria on the tokens after column `start` only (the prompt's
+    text neither stops a row nor starts a stop string that the completion finishes). It reads the
+    tokens' own text, so a SentencePiece completion's leading space, which `Tokenizer.decode`
+    drops, counts towards a stop string that starts with a space."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Iterable[str], start: int):
+        super().__init__(tokenizer, list(stop))
+        self.start = start
+
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.Tensor | None, **kwargs
+    ) -> torch.BoolTensor:
+        """Per row: True when its last token completes a stop string within the completion."""
+        completion = input_ids[:, self.start :]
+        if completion.shape[1] == 0:
+            return torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+        return super().__call__(completion, scores, **kwargs)
 
 
 def _completion(tokenizer, ids: list[int], stop: tuple[str, ...]) -> str:
@@ -158,7 +191,8 @@ def generate(
 
     The input is BOS + the prompt's tokens, exactly as training starts a sequence (the prompt
     loses tokens on the left if it does not fit beside max_new_tokens). A completion ends at EOS
-    and is cut before the first stop string. Sampling is seeded and leaves the global RNG as it was.
+    or at the token that completes a stop string in it (`CompletionStopStrings`), and is cut
+    before the first stop string. Sampling is seeded and leaves the global RNG as it was.
 
     speculative=True (an MTPModel, greedy only) decodes self-speculatively with the MTP heads
     (`wmtp_decode.greedy_decode_batch`): the same text in fewer forwards. Its statistics are
@@ -192,6 +226,7 @@ def generate(
         pad_token_id=tokenizer.pad_id,
         **(sampled if temperature > 0 else {"do_sample": False}),
     )
+    hf_tokenizer = transformers_tokenizer(tokenizer) if stop else None
     out: list[list[str]] = []
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -208,7 +243,9 @@ def generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 generation_config=config,
-                stopping_criteria=[_StopStrings(tokenizer, stop, width)] if stop else None,
+                stopping_criteria=(
+                    [CompletionStopStrings(hf_tokenizer, stop, width)] if stop else None
+                ),
             )
             texts = [_completion(tokenizer, r, stop) for r in seqs[:, width:].tolist()]
             out += [texts[i : i + n] for i in range(0, len(texts), n)]

@@ -10,16 +10,30 @@ import mlflow
 import pytest
 import torch
 from helpers import CODE_TEXT, TINY_MODEL, tiny_model, write_sentencepiece
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, StopStringCriteria
 
 import eval_mtp
 import io_stream
 import train_mtp
 import wmtp_eval
 from wmtp import ConfigError, load_config
-from wmtp_data import encode, iter_dataset
-from wmtp_eval import causal_lm, generate, load_problems, program
-from wmtp_model import byte_tokenizer, init_mtp_model, load_model, load_tokenizer, save_model
+from wmtp_data import encode, iter_dataset, prompt_ids
+from wmtp_eval import (
+    CompletionStopStrings,
+    causal_lm,
+    generate,
+    load_problems,
+    program,
+    transformers_tokenizer,
+)
+from wmtp_model import (
+    Tokenizer,
+    byte_tokenizer,
+    init_mtp_model,
+    load_model,
+    load_tokenizer,
+    save_model,
+)
 from wmtp_stats import wilson_interval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,6 +139,154 @@ def test_generate_greedy_equals_an_argmax_loop(tmp_path):
     assert torch.equal(torch.get_rng_state(), before)
     with pytest.raises(ValueError, match="temperature > 0"):
         generate(model, tok, prompts, n=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop strings: transformers' StopStringCriteria over the kit's tokenizers
+
+BACKENDS = ["bytes", "sentencepiece", "tokenizer.json", "byte-level BPE"]
+STOP_PROMPTS = ["assert fib(10)", "class Queue:\n", "x = [1, 2]\n", "def fib(n):\n"]
+
+
+def kit_tokenizer(kind: str, tmp_path) -> Tokenizer:
+    """A kit tokenizer of one backend: the byte tokenizer, a tiny SentencePiece model, that
+    model's tokenizer.json (Metaspace, as transformers converts it), or a tiny byte-level BPE."""
+    if kind == "bytes":
+        return byte_tokenizer()
+    write_sentencepiece(str(tmp_path / "sp"))
+    sp = load_tokenizer(str(tmp_path / "sp"))
+    if kind == "sentencepiece":
+        return sp
+    if kind == "tokenizer.json":
+        (tmp_path / "tokenizer.json").write_bytes(sp.files()["tokenizer.json"])
+        return load_tokenizer(str(tmp_path / "tokenizer.json"))
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    bpe = HFTokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator([CODE_TEXT] * 4, trainer)
+    special = {"bos": "<s>", "eos": "</s>", "pad": "<pad>"}
+    return Tokenizer("tokenizer.json", bpe.to_str().encode(), source="bpe", special=special)
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_the_transformers_tokenizer_has_the_kit_ids_and_texts(kind, tmp_path):
+    tok = kit_tokenizer(kind, tmp_path)
+    hf = transformers_tokenizer(tok)
+    assert transformers_tokenizer(tok) is hf  # built once per tokenizer file
+    assert sorted(hf.get_vocab().values()) == list(range(tok.vocab_size))
+    for text in TEXTS:
+        assert hf(text, add_special_tokens=False).input_ids == tok.encode(text), text
+    prefix = tok.encode("ab")  # a token's text after others (no leading-space stripping)
+    special = {tok.bos_id, tok.eos_id, tok.pad_id, *hf.all_special_ids}  # and SentencePiece's <unk>
+    for i in set(range(tok.vocab_size)) - special:
+        ids = [*prefix, i]
+        assert hf.decode(ids, skip_special_tokens=True) == tok.decode(ids), (i, ids)
+
+
+def spy_generate(lm, monkeypatch) -> list[list[list[int]]]:
+    """Record the token rows each `lm.generate` call returns (prompt columns included)."""
+    calls: list[list[list[int]]] = []
+    plain = lm.generate
+
+    def spy(*args, **kwargs):
+        seqs = plain(*args, **kwargs)
+        calls.append(seqs.tolist())
+        return seqs
+
+    monkeypatch.setattr(lm, "generate", spy)
+    return calls
+
+
+def until_eos(ids: list[int], eos_id: int) -> list[int]:
+    """ids up to and including the first EOS."""
+    return ids[: ids.index(eos_id) + 1] if eos_id in ids else ids
+
+
+def first_stop(tok, ids: list[int], stop: str) -> int | None:
+    """The number of tokens after which the decoded text first contains `stop` (None: never)."""
+    return next((k for k in range(1, len(ids) + 1) if stop in tok.decode(ids[:k])), None)
+
+
+def straddling_stop(tok, ids: list[int]) -> tuple[str, int] | None:
+    """(text of two adjacent tokens, where they start) whose text is first seen there; None."""
+    for j in range(1, len(ids) - 1):
+        a, b, c = (tok.decode(ids[:k]) for k in (j, j + 1, j + 2))
+        if not (c.startswith(b) and b.startswith(a) and len(a) < len(b) < len(c)):
+            continue
+        stop = c[len(a) :]
+        if "\ufffd" not in stop and first_stop(tok, ids, stop) == j + 2:
+            return stop, j
+    return None
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_a_stop_string_ends_the_row_on_the_token_that_completes_it(kind, tmp_path, monkeypatch):
+    """A stop string spanning two tokens of row 0's greedy text: row 0 ends on the second of
+    them, the other rows go on as without it (as a loop that decodes and searches says)."""
+    tok, steps = kit_tokenizer(kind, tmp_path), 16
+    width = 1 + max(len(tok.encode(p)) for p in STOP_PROMPTS)
+    for seed in range(20):  # a random model whose row 0 has a stop string the others lack
+        lm = causal_lm(tiny(seed=seed, vocab_size=tok.vocab_size))
+        calls = spy_generate(lm, monkeypatch)
+        generate(lm, tok, STOP_PROMPTS, max_new_tokens=steps)
+        free = [until_eos(row[width:], tok.eos_id) for row in calls[-1]]
+        found = straddling_stop(tok, free[0])
+        if found and all(
+            first_stop(tok, ids, found[0]) is None and len(ids) > found[1] + 2 for ids in free[1:]
+        ):
+            break
+    else:
+        pytest.fail("no random model gave a stop string in row 0 only")
+    stop, j = found
+    out = generate(lm, tok, STOP_PROMPTS, max_new_tokens=steps, stop=[stop])
+    rows = [row[width:] for row in calls[-1]]
+    assert rows[0] == free[0][: j + 2] + [tok.pad_id] * (len(rows[0]) - j - 2)
+    for row, ids in zip(rows[1:], free[1:]):
+        assert row[: len(ids)] == ids  # went on to EOS or max_new_tokens
+    assert len(rows[0]) == max(map(len, free[1:]))
+    texts = [tok.decode([i for i in ids if i != tok.eos_id]) for ids in free]
+    assert out == [[t.partition(stop)[0]] for t in texts]
+    assert len(out[0][0]) < len(texts[0])
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_a_stop_string_in_the_prompt_does_not_stop_generation(kind, tmp_path, monkeypatch):
+    """Stop strings inside the prompt, and one the prompt starts and the first generated token
+    finishes (which StopStringCriteria over the whole sequence would stop on), end nothing."""
+    tok, steps = kit_tokenizer(kind, tmp_path), 12
+    rows_ids = [prompt_ids(tok, p, 1000) for p in STOP_PROMPTS]
+    width = max(map(len, rows_ids))
+    hf = transformers_tokenizer(tok)
+    for seed in range(20):
+        lm = causal_lm(tiny(seed=seed, vocab_size=tok.vocab_size))
+        calls = spy_generate(lm, monkeypatch)
+        free_out = generate(lm, tok, STOP_PROMPTS, max_new_tokens=steps)
+        free = [until_eos(row[width:], tok.eos_id) for row in calls[-1]]
+        head = tok.decode(rows_ids[0])
+        both = tok.decode(rows_ids[0] + free[0][:1])
+        if not (both.startswith(head) and len(both) > len(head)) or {"\ufffd", "⁇"} & set(both):
+            continue
+        stops = [both[len(head) - 3 :], head[:5], "Queue"]  # straddling; inside the prompts
+        if all(first_stop(tok, ids, s) is None for ids in free for s in stops):
+            break
+    else:
+        pytest.fail("no random model's completions are free of the prompts' text")
+    whole = calls[-1]
+    assert bool(StopStringCriteria(hf, stops[:1])(torch.tensor(whole)[:1, : width + 1], None))
+    criterion = CompletionStopStrings(hf, stops, width)
+    assert not criterion(torch.tensor(whole)[:, :width], None).any()  # nothing generated yet
+    assert not criterion(torch.tensor(whole)[:, : width + 1], None).any()
+    assert generate(lm, tok, STOP_PROMPTS, max_new_tokens=steps, stop=stops) == free_out
+    assert calls[-1] == whole
 
 
 def test_problem_and_program_formats(tmp_path):
