@@ -101,10 +101,16 @@ def moto_auth(endpoint: str, count: bytes) -> None:
     urllib.request.urlopen(req).read()
 
 
+MOTO_NAMES = {"s3:ListBucket": "s3:ListObjectsV2", "s3:GetObject": "s3:HeadObject"}
+
+
 def iam_user(endpoint: str, name: str, actions: list[str]) -> tuple[str, str]:
     """A moto IAM user allowed only `actions` on every resource; returns its (key id, secret)."""
     import boto3
 
+    # moto 5.2.6 checks a list against "s3:ListObjectsV2" and a HEAD against "s3:HeadObject",
+    # actions AWS does not have (they are s3:ListBucket and s3:GetObject): grant its names too
+    actions = [*actions, *(MOTO_NAMES[a] for a in actions if a in MOTO_NAMES)]
     iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
     iam.create_user(UserName=name)
     key = iam.create_access_key(UserName=name)["AccessKey"]
