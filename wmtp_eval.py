@@ -160,11 +160,12 @@ class CompletionStopStrings(StopStringCriteria):
         return super().__call__(completion, scores, **kwargs)
 
 
-def _completion(tokenizer, ids: list[int], stop: tuple[str, ...]) -> str:
-    """Text of generated ids up to the first EOS, cut before the first stop string."""
+def _completion(tokenizer, prompt: list[int], ids: list[int], stop: tuple[str, ...]) -> str:
+    """Text of generated ids after their prompt's, up to the first EOS, cut before the first
+    stop string."""
     if tokenizer.eos_id in ids:
         ids = ids[: ids.index(tokenizer.eos_id)]
-    text = tokenizer.decode(ids)
+    text = tokenizer.decode_after(prompt, ids)
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
     return text[:cut]
 
@@ -247,7 +248,8 @@ def generate(
                     [CompletionStopStrings(hf_tokenizer, stop, width)] if stop else None
                 ),
             )
-            texts = [_completion(tokenizer, r, stop) for r in seqs[:, width:].tolist()]
+            new = seqs[:, width:].tolist()  # n rows per prompt
+            texts = [_completion(tokenizer, rows[i // n], r, stop) for i, r in enumerate(new)]
             out += [texts[i : i + n] for i in range(0, len(texts), n)]
     return out
 
@@ -283,7 +285,7 @@ def _generate_greedy(
             model, rows, max_new_tokens, speculative=speculative, eos_id=tokenizer.eos_id,
             compile=compile,
         )  # fmt: skip
-        out += [[_completion(tokenizer, ids, stop)] for ids in new]
+        out += [[_completion(tokenizer, row, ids, stop)] for row, ids in zip(rows, new)]
         if stats is not None and speculative:
             add_decode_stats(stats, batch_stats)
     return out

@@ -285,6 +285,18 @@ class Tokenizer:
             return self._sp.decode(ids)
         return self._hf.decode(ids, skip_special_tokens=True)
 
+    def decode_after(self, context: list[int], ids: list[int]) -> str:
+        """Text that `ids` add after the tokens `context` (a prompt): decoded with the context's
+        last tokens and cut after them, because SentencePiece (and Metaspace) decoding drops the
+        space a text's first token starts with, which a continuation keeps ("    return" after a
+        prompt decoded alone is "   return")."""
+        special = (self.bos_id, self.eos_id, self.pad_id)
+        tail = [int(i) for i in context if int(i) not in special][-4:]
+        if not tail:
+            return self.decode(ids)
+        head, text = self.decode(tail), self.decode([*tail, *ids])
+        return text[len(head) :] if text.startswith(head) else self.decode(ids)
+
     def files(self) -> dict[str, bytes]:
         """The files that store this tokenizer: its own, plus the tokenizer.json and
         tokenizer_config.json that transformers saves for it, so that AutoTokenizer loads it with

@@ -24,6 +24,7 @@ from transformers import (
 import io_stream
 from wmtp_model import (
     MTPModel,
+    Tokenizer,
     byte_tokenizer,
     ffn_width,
     init_mtp_model,
@@ -356,6 +357,26 @@ def test_sentencepiece_local_and_s3(tmp_path, s3, sp_bytes):
     other = load_tokenizer(write_sentencepiece_file(tmp_path / "other", vocab_size=100))
     assert not same_tokenizer(local, other)
     assert not same_tokenizer(local, byte_tokenizer())
+
+
+def test_a_continuation_keeps_the_space_its_first_token_starts_with(tmp_path, sp_bytes):
+    """decode_after(prompt, new) is the full text less the prompt's text, at every split of a
+    line: SentencePiece's decode of `new` alone drops the space its first token starts with
+    (a completion's indentation), and the byte tokenizer and the tokenizer.json twin agree."""
+    io_stream.write_bytes(sp_bytes, io_stream.join(str(tmp_path), "tokenizer.model"))
+    sp = load_tokenizer(str(tmp_path))
+    twin = Tokenizer("tokenizer.json", sp.files()["tokenizer.json"], source="twin")
+    text = "def fib(n):    return n if n < 2 else fib(n - 1) + fib(n - 2)"
+    lost = 0
+    for tok in (sp, twin, byte_tokenizer()):
+        ids = tok.encode(text)
+        for k in range(1, len(ids)):
+            want = text[len(tok.decode(ids[:k])) :]  # the prompt's text is a prefix of the line
+            assert tok.decode(ids[:k]) == text[: len(text) - len(want)]
+            assert tok.decode_after([tok.bos_id, *ids[:k]], ids[k:]) == want
+            lost += tok.decode(ids[k:]) != want
+    assert lost > 0  # decoding alone loses spaces: what decode_after is for
+    assert sp.decode_after([sp.bos_id], sp.encode(" x")) == sp.decode(sp.encode(" x"))
 
 
 def write_sentencepiece_file(folder, **kw) -> str:
