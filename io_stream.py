@@ -349,6 +349,24 @@ def request_deadline(nbytes: int, *, writing: bool = False) -> float:
     return _s3_settings["read_timeout"] + nbytes / rate
 
 
+def answer_deadline() -> float:
+    """Seconds a request may wait for its answer's head: each of botocore's s3.retries + 1 tries
+    at s3.connect_timeout + s3.read_timeout, and the backoff between them (standard mode: at most
+    2**i s, capped at 20, plus 5 s of an x-amz-retry-after). A body's own deadline starts after."""
+    tries = _s3_settings["retries"] + 1
+    backoff = sum(min(2**i, 20) + 5 for i in range(tries - 1))
+    return tries * (_s3_settings["connect_timeout"] + _s3_settings["read_timeout"]) + backoff
+
+
+def _no_answer(uri: str) -> ConnectionError:
+    """The error of a request whose answer's head did not come within `answer_deadline`."""
+    return ConnectionError(
+        f"{uri}: the S3 endpoint ({_s3_endpoint_label()}) sent no complete answer in "
+        f"{answer_deadline():.0f} s (s3.connect_timeout, s3.read_timeout; "
+        f"s3.retries: {_s3_settings['retries']})"
+    )
+
+
 def _slow_why(nbytes: int, limit: float, *, writing: bool) -> str:
     """Why a request was cut at its deadline, naming the settings that set it."""
     rate = "s3.min_write_rate" if writing else "s3.min_read_rate"
@@ -398,8 +416,14 @@ def s3_get(uri: str, **params) -> tuple[bytes, dict]:
     bucket, key, _ = fs.split_path(uri)
 
     async def get() -> tuple[bytes, dict]:
+        clock = asyncio.timeout(answer_deadline())
         try:
-            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, **params)
+            async with clock:
+                resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, **params)
+        except TimeoutError:
+            if clock.expired():
+                raise _no_answer(uri) from None
+            raise
         except OSError as exc:  # s3fs keeps botocore's error, and its status, as the cause
             meta = (getattr(exc.__cause__, "response", None) or {}).get("ResponseMetadata", {})
             if meta.get("HTTPStatusCode") in (304, 412):
@@ -1292,17 +1316,19 @@ def _s3_read_ranges(
             got, failures = 0, 0
             while got < b - a:  # botocore retries a failed request; this resumes a broken body
                 limit, body = request_deadline(b - a - got), None
-                clock = asyncio.timeout(limit)
+                # the answer's head within botocore's tries; the body within its own deadline
+                clock = asyncio.timeout(answer_deadline())
                 # If-Match: an object replaced mid-read fails at once where the endpoint honours
                 # it; the ETag check fails it where it does not
                 match = {"IfMatch": pin[0]} if pin[0] else {}
                 try:
-                    async with clock:  # a body that drips is cut at its deadline
+                    async with clock:
                         rng = f"bytes={a + got}-{b - 1}"
                         resp = await fs._call_s3(
                             "get_object", Bucket=bucket, Key=key, Range=rng, **match
                         )
                         body = resp["Body"]
+                        clock.reschedule(asyncio.get_running_loop().time() + limit)
                         pin[0] = pin[0] or resp.get("ETag")
                         _check_answer(uri, resp, a + got, b, size, pin[0])
                         while got < b - a:  # the body streams straight into the caller's buffer
@@ -1311,8 +1337,10 @@ def _s3_read_ranges(
                                 raise ConnectionError("the response ended early")
                             got += k
                 except broken as exc:
-                    if body is None and not clock.expired():
-                        raise  # the request itself failed: botocore has retried it already
+                    if body is None and clock.expired():
+                        raise _no_answer(uri) from None
+                    if body is None:  # the request itself failed: botocore has retried it already
+                        raise
                     failures += 1
                     if failures > retries:
                         last = (

@@ -8,8 +8,9 @@ after the first `skip` of those whose method is in `methods` (and whose request 
 - "drop":  forward the response head and `after` body bytes, then close the connection
 - "stall": forward the response head and `after` body bytes, then send nothing more
 - "hang":  accept the request and never answer (nor read its body: an upload stalls)
-- "503":   answer 503 SlowDown without asking the server
+- "503":   answer 503 SlowDown without asking the server (after `delay` seconds)
 - "drip":  forward the response head and `after` body bytes, then one byte every `interval` s
+- "drip_head": send the response head one byte every `interval` s (its body never)
 - "strip": forward the request without the headers named in `headers` (lower case), as an
            endpoint that ignores them would answer: `Range` (200 and the whole object), or
            `If-Match` / `If-None-Match` (s3rver 3.7.1 ignores both); moto checks no signatures
@@ -99,6 +100,7 @@ def _serve(client: socket.socket, upstream: tuple[str, int], plan: dict, stop: t
         fault = plan["fault"] if faulty else None
         if fault == "503":
             body = b"" if line.startswith(b"HEAD ") else SLOW_DOWN_BODY  # a HEAD answer has none
+            stop.wait(plan["delay"])
             client.sendall(SLOW_DOWN % (len(SLOW_DOWN_BODY), body))
             return
         if fault == "hang":
@@ -117,6 +119,12 @@ def _serve(client: socket.socket, upstream: tuple[str, int], plan: dict, stop: t
                 continue
             if not resp_head:
                 return
+        if fault == "drip_head":
+            for i in range(len(resp_head)):
+                if stop.wait(plan["interval"]):
+                    return
+                client.sendall(resp_head[i : i + 1])
+            return
         length = _content_length(resp_head)
         limit = plan["after"] if fault in ("drop", "stall", "drip") else None
         client.sendall(resp_head)
@@ -180,10 +188,11 @@ def fault_proxy(
     match: bytes = b"",
     headers: tuple[bytes, ...] = (),
     interval: float = 0.5,
+    delay: float = 0.0,
     lifetime: float = 60.0,
 ) -> Iterator[dict]:
     """Run the proxy; yields {"endpoint": its URL, "requests": seen, "faults": injected}."""
-    if fault not in ("drop", "stall", "hang", "503", "drip", "strip"):
+    if fault not in ("drop", "stall", "hang", "503", "drip", "drip_head", "strip"):
         raise ValueError(f"unknown fault {fault!r}")
     up = urlparse(upstream_url)
     upstream = (up.hostname, up.port)
@@ -202,6 +211,7 @@ def fault_proxy(
         "match": match,
         "headers": tuple(h.lower() for h in headers),
         "interval": interval,
+        "delay": delay,
         "requests": 0,
         "matching": 0,
         "faults": 0,

@@ -173,6 +173,20 @@ def test_permanent_503_is_one_line_after_bounded_attempts(s3, s3_endpoint, boto)
     assert one_line(err.value, uri).endswith(": S3 answered 503 SlowDown (s3.retries: 1)")
 
 
+def test_a_get_body_deadline_counts_from_the_answer_not_botocores_tries(s3, s3_endpoint, boto):
+    # each 503 comes 0.6 s after its GET: botocore's two tries take over 1.2 s, more than the
+    # 1 s deadline of a 4-byte body at these settings; that deadline starts with the answer, so
+    # the tries are neither cut (and tried again: more than s3.retries + 1 GETs) nor called slow
+    boto.put_object(Bucket=BUCKET, Key="x.bin", Body=b"data")
+    uri = f"{s3}/x.bin"
+    with fault_proxy(s3_endpoint, "503", times=10**6, delay=0.6) as px:
+        through(px, retries=1)
+        with pytest.raises(ConnectionError) as err:
+            io_stream.read_bytes(uri)
+    assert px["faults"] == 2
+    assert one_line(err.value, uri).endswith(": S3 answered 503 SlowDown (s3.retries: 1)")
+
+
 def test_trainer_prints_one_line_for_a_broken_dataset_stream(s3, s3_endpoint, boto, capsys):
     boto.put_object(Bucket=BUCKET, Key="d.jsonl", Body=b'{"text": "x"}\n' * 20_000)
     uri = f"{s3}/d.jsonl"

@@ -226,6 +226,25 @@ def test_a_body_that_drips_is_cut_at_its_deadline(s3, s3_endpoint, boto):
     assert io_stream.read_bytes(uri) == data
 
 
+def test_an_answer_head_that_drips_is_cut_at_its_deadline(s3, s3_endpoint, boto):
+    # one byte every 0.5 s never trips s3.read_timeout (1 s): the answer's head gets botocore's
+    # tries at their timeouts, here 1 try x (1 + 1) s, then a one-line error
+    boto.put_object(Bucket=BUCKET, Key="x.bin", Body=b"data")
+    uri = f"{s3}/x.bin"
+    with fault_proxy(s3_endpoint, "drip_head", interval=0.5, times=10**6) as px:
+        through(px, retries=0)
+        assert io_stream.answer_deadline() == 2
+        start = time.monotonic()
+        with pytest.raises(ConnectionError) as err:
+            io_stream.read_bytes(uri)
+        took = time.monotonic() - start
+    assert one_line(err.value, uri).endswith(
+        "sent no complete answer in 2 s (s3.connect_timeout, s3.read_timeout; s3.retries: 0)"
+    )
+    assert took < 10, took
+    assert px["faults"] == 1
+
+
 def test_rates_come_from_the_config_and_are_checked():
     cfg = wmtp.load_config(os.path.join(ROOT, "config.yaml"), ["s3.min_read_rate=5000"])
     assert (cfg.s3.min_read_rate, cfg.s3.min_write_rate) == (5000, io_stream.MIN_WRITE_RATE)
