@@ -358,9 +358,17 @@ def answer_deadline() -> float:
     return tries * (_s3_settings["connect_timeout"] + _s3_settings["read_timeout"]) + backoff
 
 
-def _no_answer(uri: str) -> ConnectionError:
-    """The error of a request whose answer's head did not come within `answer_deadline`."""
-    return ConnectionError(
+async def _get_answer(fs, uri: str, **params) -> dict:
+    """fs's get_object answer (its body not read yet) within `answer_deadline`, botocore's tries
+    included; past it, a ConnectionError naming the settings."""
+    clock = asyncio.timeout(answer_deadline())
+    try:
+        async with clock:
+            return await fs._call_s3("get_object", **params)
+    except TimeoutError:
+        if not clock.expired():
+            raise
+    raise ConnectionError(
         f"{uri}: the S3 endpoint ({_s3_endpoint_label()}) sent no complete answer in "
         f"{answer_deadline():.0f} s (s3.connect_timeout, s3.read_timeout; "
         f"s3.retries: {_s3_settings['retries']})"
@@ -416,14 +424,8 @@ def s3_get(uri: str, **params) -> tuple[bytes, dict]:
     bucket, key, _ = fs.split_path(uri)
 
     async def get() -> tuple[bytes, dict]:
-        clock = asyncio.timeout(answer_deadline())
         try:
-            async with clock:
-                resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, **params)
-        except TimeoutError:
-            if clock.expired():
-                raise _no_answer(uri) from None
-            raise
+            resp = await _get_answer(fs, uri, Bucket=bucket, Key=key, **params)
         except OSError as exc:  # s3fs keeps botocore's error, and its status, as the cause
             meta = (getattr(exc.__cause__, "response", None) or {}).get("ResponseMetadata", {})
             if meta.get("HTTPStatusCode") in (304, 412):
@@ -1315,37 +1317,31 @@ def _s3_read_ranges(
         async with gate:
             got, failures = 0, 0
             while got < b - a:  # botocore retries a failed request; this resumes a broken body
-                limit, body = request_deadline(b - a - got), None
-                # the answer's head within botocore's tries; the body within its own deadline
-                clock = asyncio.timeout(answer_deadline())
+                limit, body, clock = request_deadline(b - a - got), None, None
                 # If-Match: an object replaced mid-read fails at once where the endpoint honours
                 # it; the ETag check fails it where it does not
                 match = {"IfMatch": pin[0]} if pin[0] else {}
                 try:
+                    rng = f"bytes={a + got}-{b - 1}"
+                    resp = await _get_answer(fs, uri, Bucket=bucket, Key=key, Range=rng, **match)
+                    body = resp["Body"]
+                    pin[0] = pin[0] or resp.get("ETag")
+                    _check_answer(uri, resp, a + got, b, size, pin[0])
+                    clock = asyncio.timeout(limit)  # from the answer on: a body that drips is cut
                     async with clock:
-                        rng = f"bytes={a + got}-{b - 1}"
-                        resp = await fs._call_s3(
-                            "get_object", Bucket=bucket, Key=key, Range=rng, **match
-                        )
-                        body = resp["Body"]
-                        clock.reschedule(asyncio.get_running_loop().time() + limit)
-                        pin[0] = pin[0] or resp.get("ETag")
-                        _check_answer(uri, resp, a + got, b, size, pin[0])
                         while got < b - a:  # the body streams straight into the caller's buffer
                             k = await body.readinto(view[got:])
                             if not k:
                                 raise ConnectionError("the response ended early")
                             got += k
                 except broken as exc:
-                    if body is None and clock.expired():
-                        raise _no_answer(uri) from None
                     if body is None:  # the request itself failed: botocore has retried it already
                         raise
                     failures += 1
                     if failures > retries:
                         last = (
                             _slow_why(b - a - got, limit, writing=False)
-                            if clock.expired()
+                            if clock is not None and clock.expired()
                             else _why(exc)
                         )
                         raise ConnectionError(
